@@ -1,0 +1,1 @@
+"""Extensible Embedding for vLLM."""

