@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -120,6 +119,17 @@ def cmd_demo(args):
     print(tok.decode(new, skip_special_tokens=True))
 
 
+def cmd_train(args):
+    from .train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, data=args.data, out=args.out, heldout=args.heldout or [],
+                      init_embedder=args.init_embedder, sample_len=args.sample_len, chunk_len=args.chunk_len,
+                      k_ladder=args.k_ladder, steps=args.steps, accum=args.accum, lr=args.lr, warmup=args.warmup,
+                      eval_every=args.eval_every, eval_samples=args.eval_samples, eval_ks=args.eval_ks,
+                      save_every=args.save_every, device=args.device, seed=args.seed, cache_dir=args.cache_dir)
+    print(train(cfg, resume=args.resume))
+
+
 def _model_args(p):
     p.add_argument("--model", default="extemb-llama2", help="checkpoint directory (default: ./extemb-llama2)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -175,6 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(fn=cmd_eval_passkey)
+
+    p = sub.add_parser("train", help="train the embedder (two-stream auto-regression; the LLM stays frozen)")
+    p.add_argument("--model", default="extemb-llama2", help="built checkpoint whose embedder is trained")
+    p.add_argument("--data", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--heldout", nargs="*", help="held-out texts (default: the deterministic document split of --data)")
+    p.add_argument("--out", default="runs/embedder")
+    p.add_argument("--init-embedder", help="start from these embedder weights (e.g. the instruction stage)")
+    p.add_argument("--sample-len", type=int, default=2048)
+    p.add_argument("--chunk-len", type=int, default=512)
+    p.add_argument("--k-ladder", type=_ints, default=[2, 4, 8, 16, 32])
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps")
+    p.add_argument("--accum", type=int, default=2, help="samples per optimiser step")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-samples", type=int, default=8)
+    p.add_argument("--eval-ks", type=_ints, default=[8, 32])
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="data/cache")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("demo", help="continue a long document through the reference model")
     _model_args(p)

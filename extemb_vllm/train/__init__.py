@@ -1,0 +1,1 @@
+"""Training: the two-stream auto-regressive objective and the `extemb train` loop."""

@@ -1,0 +1,231 @@
+"""`extemb train`: train the embedder with the two-stream objective; the LLM stays frozen.
+
+One command on CPU and CUDA (bf16 autocast + gradient checkpointing on CUDA, fp32
+on CPU), gradient accumulation, checkpoints with --resume, a JSON-lines log, a
+loss-curve PNG and held-out evaluation every N steps. The instruction-tuning
+stage is the same command on another data path, started from the first stage's
+embedder (--init-embedder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..model.checkpoint import load_embedder_weights, load_model, save_embedder_weights
+from .data import WindowSampler, split_documents, tokenize_cached
+from .two_stream import two_stream_forward
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: list[str]
+    out: str
+    heldout: list[str] = field(default_factory=list)
+    init_embedder: str | None = None
+    sample_len: int = 2048
+    chunk_len: int = 512
+    k_ladder: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    steps: int = 100
+    accum: int = 2
+    lr: float = 2e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    eval_every: int = 25
+    eval_samples: int = 8
+    eval_ks: list[int] = field(default_factory=lambda: [8, 32])
+    save_every: int = 25
+    device: str | None = None
+    grad_ckpt: bool | None = None  # default: on CUDA
+    seed: int = 0
+    cache_dir: str = "data/cache"
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if cfg.sample_len % cfg.chunk_len or cfg.sample_len // cfg.chunk_len < 2:
+        raise ValueError(f"--sample-len {cfg.sample_len} must be >= 2 chunks of --chunk-len {cfg.chunk_len}")
+
+    # The frozen LLM in bf16 on CUDA (the autocast compute dtype); the trained embedder in fp32.
+    model, tok = load_model(cfg.model, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+    model.embedder.float()
+    if cfg.init_embedder:
+        load_embedder_weights(model.embedder, cfg.init_embedder)
+    if cfg.grad_ckpt if cfg.grad_ckpt is not None else cuda:
+        model.embedder.body.gradient_checkpointing_enable()
+        model.llm.gradient_checkpointing_enable()
+    model.embedder.train()
+
+    docs = tokenize_cached(cfg.data, tok, cfg.cache_dir)
+    held = tokenize_cached(cfg.heldout, tok, cfg.cache_dir) if cfg.heldout else None
+    train_docs, held_docs = split_documents(docs, held)
+    sampler = WindowSampler(train_docs, cfg.sample_len, seed=cfg.seed)
+    eval_set = WindowSampler(held_docs, cfg.sample_len).fixed(cfg.eval_samples) if held_docs else []
+    k_rng = np.random.default_rng(cfg.seed + 1)
+
+    params = [p for p in model.embedder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    step = 0
+    state_file = out / "train-state.pt"
+    if resume and state_file.exists():
+        load_embedder_weights(model.embedder, out / "embedder.safetensors")
+        state = torch.load(state_file, weights_only=True)  # our own file: tensors and numbers only
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        rngs = json.loads((out / "rng.json").read_text())
+        sampler.rng.bit_generator.state = rngs["sampler"]
+        k_rng.bit_generator.state = rngs["k"]
+        print(f"[extemb] resumed {out} at step {step}")
+    elif not resume:
+        (out / "log.jsonl").unlink(missing_ok=True)
+    (out / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    log = open(out / "log.jsonl", "a")
+    if step == 0 and eval_set:
+        refs = reference_losses(model, eval_set, cfg.chunk_len, cuda)
+        _log(log, {"step": 0, "samples": 0, "kind": "reference", **refs})
+        _log(log, {"step": 0, "samples": 0, "kind": "eval", "loss_by_k": evaluate(model, eval_set, cfg, cuda)})
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="training embedder", unit="step")
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        losses, ks = [], []
+        for _ in range(cfg.accum):
+            ids = sampler.sample().to(device)
+            k = int(k_rng.choice(cfg.k_ladder))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = two_stream_forward(model, ids, k, cfg.chunk_len)
+            (loss / cfg.accum).backward()
+            losses.append(loss.item())
+            ks.append(k)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        rec = {"step": step, "samples": step * cfg.accum, "kind": "train", "loss": float(np.mean(losses)),
+               "ks": ks, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": cfg.accum * cfg.sample_len / dt}
+        _log(log, rec)
+        bar.update()
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
+            ev = evaluate(model, eval_set, cfg, cuda)
+            _log(log, {"step": step, "samples": step * cfg.accum, "kind": "eval", "loss_by_k": ev})
+            bar.write(f"step {step}: held-out loss " + ", ".join(f"k={k} {v:.4f}" for k, v in ev.items()))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            _save(model, opt, sched, step, sampler, k_rng, out)
+            plot_curves(out / "log.jsonl", out / "loss.png")
+    bar.close()
+    log.close()
+    return out
+
+
+def _save(model, opt, sched, step, sampler, k_rng, out: Path):
+    # write-then-rename: an interrupted save never leaves a half-written checkpoint
+    save_embedder_weights(model.embedder, out / "embedder.tmp.safetensors")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+               out / "train-state.tmp.pt")
+    (out / "rng.tmp.json").write_text(json.dumps({"sampler": sampler.rng.bit_generator.state,
+                                                  "k": k_rng.bit_generator.state}))
+    for name in ("embedder.safetensors", "train-state.pt", "rng.json"):
+        stem, ext = name.split(".", 1)
+        (out / f"{stem}.tmp.{ext}").replace(out / name)
+
+
+def _log(f, rec):
+    f.write(json.dumps(rec) + "\n")
+    f.flush()
+
+
+def _context_targets(n_tokens: int, chunk_len: int, device) -> torch.Tensor:
+    """Targets that depend on earlier chunks: chunks 1.., without each chunk's first token
+    (which the no-context reference cannot predict), so every reference scores the same tokens."""
+    t = torch.arange(chunk_len, n_tokens, device=device)
+    return t[t % chunk_len != 0]
+
+
+@torch.no_grad()
+def evaluate(model, samples, cfg: TrainConfig, cuda: bool) -> dict:
+    """Held-out loss (chunks 1.., see _context_targets) of the two-stream pass at each eval k."""
+    was = model.embedder.training
+    model.embedder.eval()
+    res = {}
+    for k in cfg.eval_ks:
+        vals = []
+        for ids in samples:
+            ids = ids.to(model.device)
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cuda):
+                _, lp, lay = two_stream_forward(model, ids, k, cfg.chunk_len, return_logprobs=True)
+            want = set(_context_targets(ids.numel(), cfg.chunk_len, ids.device).tolist())
+            mask = torch.tensor([t in want for t in lay.target_at.tolist()], device=lp.device)
+            vals.append(-lp[mask].mean().item())
+        res[str(k)] = float(np.mean(vals))
+    model.embedder.train(was)
+    return res
+
+
+@torch.no_grad()
+def reference_losses(model, samples, chunk_len: int, cuda: bool) -> dict:
+    """The same held-out targets with full raw context and with no context (each chunk alone)."""
+    full, none = [], []
+    for ids in samples:
+        ids = ids.to(model.device)
+        t = _context_targets(ids.numel(), chunk_len, ids.device)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cuda):
+            lp_full = model.llm(input_ids=ids[None]).logits[0].float().log_softmax(-1)
+            lp_none = model.llm(input_ids=ids.view(-1, chunk_len)).logits.float().log_softmax(-1).flatten(0, 1)
+        full.append(-lp_full[t - 1].gather(-1, ids[t, None]).mean().item())
+        none.append(-lp_none[t - 1].gather(-1, ids[t, None]).mean().item())
+    return {"full_context": float(np.mean(full)), "no_context": float(np.mean(none))}
+
+
+def plot_curves(log_path: Path, png: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in open(log_path)]
+    train = [r for r in recs if r["kind"] == "train"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    refs = next((r for r in recs if r["kind"] == "reference"), None)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        x = [r["samples"] for r in train]
+        y = [r["loss"] for r in train]
+        a.plot(x, y, alpha=0.3, label="train (per step)")
+        w = max(1, len(y) // 20)
+        a.plot(x[w - 1 :], np.convolve(y, np.ones(w) / w, mode="valid"), label=f"train (mean of {w})")
+    a.set_xlabel("samples seen")
+    a.set_ylabel("two-stream loss (all tokens, k sampled)")
+    a.legend()
+    a.grid(alpha=0.3)
+    for k in sorted({k for r in evals for k in r["loss_by_k"]}, key=int):
+        b.plot([r["samples"] for r in evals], [r["loss_by_k"][k] for r in evals], "o-", label=f"held-out, k={k}")
+    if refs:
+        b.axhline(refs["full_context"], color="g", ls="--", label="full raw context")
+        b.axhline(refs["no_context"], color="r", ls="--", label="no context")
+    b.set_xlabel("samples seen")
+    b.set_ylabel("held-out loss, chunks 1..")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

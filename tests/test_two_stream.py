@@ -1,0 +1,98 @@
+"""The two-stream objective: the block mask equals the reference model chunk by chunk."""
+
+import pytest
+import torch
+
+from extemb_vllm.model import ExtEmbConfig
+from extemb_vllm.train.two_stream import two_stream_forward, two_stream_layout
+
+
+def test_layout_small_case():
+    lay = two_stream_layout(n_chunks=3, chunk_len=4, k=2)
+    # compact: chunks 0,1 -> 2 slots each (seq 0..3); raw chunk i at seq 4+4i..
+    assert lay.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7]
+    A = lay.allowed
+    assert A[4:8, :4].sum() == 0                      # chunk 0 sees no compact slots
+    assert A[8, :4].tolist() == [True, True, False, False]   # chunk 1 sees C_0 only
+    assert A[12, :4].all()                            # chunk 2 sees C_0 and C_1
+    assert not A[8, 4:8].any()                        # no raw token of another chunk
+    assert A[9, 8:10].all() and not A[9, 10]          # causal inside its own chunk
+    # the first token of chunk 1 is predicted at the last slot of C_0 (seq 1)
+    assert (1, 4) in list(zip(lay.pred_at.tolist(), lay.target_at.tolist()))
+    assert len(lay.target_at) == 3 * 4 - 1            # every token but the sample's first
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_two_stream_equals_reference_per_chunk(tiny, k):
+    """Chunk i's log-probs from the joint pass equal the reference model's on [chunks <= i]."""
+    model, _ = tiny
+    c, n = 12, 4
+    ids = torch.randint(3, 300, (n * c,))
+    _, lp, lay = two_stream_forward(model, ids, k, c, return_logprobs=True)
+    ref = type(model)(model.llm, model.embedder, ExtEmbConfig(embedder_layers=2, chunk_size=c, window=512, raw_tail=c))
+    by_target = dict(zip(lay.target_at.tolist(), lp))
+    for i in range(1, n):
+        expected, plan = ref.score(ids[: (i + 1) * c], c, k=k, raw_tail=c)
+        assert plan.n_compressed == i * c
+        got = torch.stack([by_target[i * c + t] for t in range(c)])
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_later_tokens_do_not_leak_backwards(tiny):
+    model, _ = tiny
+    c, n = 12, 3
+    ids = torch.randint(3, 300, (n * c,))
+    changed = ids.clone()
+    changed[c + 7] = (changed[c + 7] - 3 + 5) % 297 + 3  # token 7 of chunk 1
+    _, a, lay = two_stream_forward(model, ids, 4, c, return_logprobs=True)
+    _, b, _ = two_stream_forward(model, changed, 4, c, return_logprobs=True)
+    t = lay.target_at
+    same = t <= c + 6  # chunk 0 and chunk 1 up to the token before the change
+    torch.testing.assert_close(a[same], b[same])
+    assert not torch.allclose(a[(t > c + 7) & (t < 2 * c)], b[(t > c + 7) & (t < 2 * c)])  # its own future moves
+    assert not torch.allclose(a[t >= 2 * c], b[t >= 2 * c])  # chunk 2 reads chunk 1 through compact slots
+
+
+def test_only_the_embedder_gets_gradients(tiny_checkpoint):
+    from extemb_vllm.model.checkpoint import load_model
+
+    model, _ = load_model(tiny_checkpoint)
+    model.embedder.train()
+    opt = torch.optim.AdamW([p for p in model.embedder.parameters()], lr=1e-2)
+    llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    emb_before = {k: v.clone() for k, v in model.embedder.state_dict().items()}
+    loss = two_stream_forward(model, torch.randint(3, 300, (36,)), 4, 12)
+    loss.backward()
+    assert all(p.grad is None for p in model.llm.parameters())
+    opt.step()
+    assert all(torch.equal(v, llm_before[k]) for k, v in model.llm.state_dict().items())
+    changed = [k for k, v in model.embedder.state_dict().items() if not torch.equal(v, emb_before[k])]
+    assert changed and all(k.startswith("body.layers.") for k in changed)
+
+
+def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
+    """Tiny end-to-end: log, eval records, loss curve, checkpoint, and --resume continuing the step count."""
+    import json
+
+    from extemb_vllm.train.trainer import TrainConfig, train
+
+    from .conftest import TINY_TEXT
+
+    for name in ("a", "b", "c", "d", "e", "f"):
+        (tmp_path / "texts").mkdir(exist_ok=True)
+        (tmp_path / "texts" / f"{name}.txt").write_text(TINY_TEXT)
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "h.txt").write_text(TINY_TEXT[::-1])
+    cfg = TrainConfig(model=str(tiny_checkpoint), data=[str(tmp_path / "texts")], heldout=[str(tmp_path / "held")],
+                      out=str(tmp_path / "run"), sample_len=48, chunk_len=12, k_ladder=[2, 4], steps=4, accum=2,
+                      eval_every=2, save_every=2, eval_samples=2, eval_ks=[4], cache_dir=str(tmp_path / "cache"))
+    out = train(cfg)
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [0, 2, 4]
+    assert {"full_context", "no_context"} <= set(next(r for r in recs if r["kind"] == "reference"))
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "embedder.safetensors").exists()
+    cfg.steps = 6
+    train(cfg, resume=True)
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
