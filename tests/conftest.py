@@ -17,8 +17,8 @@ TINY_TEXT = ("It was the best of times, it was the worst of times, it was the ag
 
 
 def tiny_llama_config(**kw) -> LlamaConfig:
-    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    base = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,  # head_dim 64: vLLM CPU attention needs it
                 rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     base.update(kw)
     return LlamaConfig(**base)

@@ -38,7 +38,7 @@ def test_compressed_rows_are_the_kept_positions(tiny):
     full = model.embedder.encode_chunks([ids[s:e] for s, e in chunk_bounds(40, 16)], model.embed_tokens)
     compact = model.compact_embeddings(ids, k=4)
     expected = torch.cat([h[keep_positions(h.shape[0], 4)] for h in full])
-    assert compact.shape == (compact_slots(40, 4, 16), 64)
+    assert compact.shape == (compact_slots(40, 4, 16), model.llm.config.hidden_size)
     torch.testing.assert_close(compact, expected)
 
 

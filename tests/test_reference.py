@@ -67,7 +67,7 @@ def test_llm_input_is_compact_then_raw(tiny):
     ids = torch.randint(3, 300, (200,))
     plan = model.plan(200)
     embeds = model.build_inputs(ids, plan)
-    assert embeds.shape == (1, plan.llm_length, 64)
+    assert embeds.shape == (1, plan.llm_length, model.llm.config.hidden_size)
     torch.testing.assert_close(embeds[0, : plan.n_slots], model.compact_embeddings(ids[: plan.n_compressed], plan.k))
     torch.testing.assert_close(embeds[0, plan.n_slots :], model.embed_tokens(ids[plan.n_compressed :]))
 

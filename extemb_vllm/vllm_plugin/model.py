@@ -1,0 +1,95 @@
+"""ExtEmbLlamaForCausalLM for vLLM: vLLM's own Llama as the LLM, our embedder as the
+pre-fill encoder of the "context" modality.
+
+vLLM schedules the compressed chunks of every request in a step as encoder items;
+`embed_multimodal` encodes them in one batch on the engine's device, keeps every
+k-th row, and vLLM writes those rows into the prompt's placeholder slots of the
+paged KV cache. Paged attention, CUDA graphs, tensor parallelism and quantisation
+of the LLM are vLLM's, untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.utils import maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from ..model import ExtEmbConfig, ExtensibleEmbedder, keep_positions
+from ..model.checkpoint import EMBEDDER_PREFIX
+from .processor import (
+    MODALITY,
+    PLACEHOLDER_TOKEN_ID,
+    ExtEmbDummyInputsBuilder,
+    ExtEmbMultiModalProcessor,
+    ExtEmbProcessingInfo,
+)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    ExtEmbMultiModalProcessor, info=ExtEmbProcessingInfo, dummy_inputs=ExtEmbDummyInputsBuilder
+)
+class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality == MODALITY:
+            return None
+        raise ValueError(f"only the {MODALITY!r} modality is supported")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.ext = ExtEmbConfig.from_dict(config.extemb)
+        self.configure_mm_token_handling(vocab_size=config.vocab_size, mm_token_ids=[PLACEHOLDER_TOKEN_ID])
+        with self._mark_tower_model(vllm_config, MODALITY):
+            hf_cfg = copy.deepcopy(config)
+            hf_cfg._attn_implementation = "sdpa"
+            self.embedder = ExtensibleEmbedder(hf_cfg, self.ext.embedder_layers)
+        with self._mark_language_model(vllm_config):
+            self.language_model = LlamaForCausalLM(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model"))
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        ids, ks = kwargs.get("context_ids"), kwargs.get("context_k")
+        if ids is None:
+            return []
+        chunks = list(ids) if isinstance(ids, torch.Tensor) else ids  # stacked when lengths agree
+        ks = ks.tolist() if isinstance(ks, torch.Tensor) else [int(k) for k in ks]
+        hidden = self.embedder.encode_chunks(chunks, self.language_model.model.embed_tokens)
+        return [h[keep_positions(h.shape[0], k, h.device)] for h, k in zip(hidden, ks)]
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor):
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        embedder_params = dict(self.embedder.body.named_parameters())
+        loaded: set[str] = set()
+
+        def llm_weights():
+            # stream: embedder tensors are copied as they pass, the rest go to vLLM's Llama loader
+            for name, tensor in weights:
+                if not name.startswith(EMBEDDER_PREFIX):
+                    yield name, tensor
+                    continue
+                key = name[len(EMBEDDER_PREFIX):]
+                if key not in embedder_params:
+                    raise ValueError(f"unexpected embedder weight {name!r} in the checkpoint")
+                embedder_params[key].data.copy_(tensor)
+                loaded.add(f"embedder.body.{key}")
+
+        loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(llm_weights())}
+        missing = {f"embedder.body.{k}" for k in embedder_params} - loaded
+        if missing:
+            raise ValueError(f"the checkpoint lacks embedder weights: {sorted(missing)[:4]}")
+        return loaded

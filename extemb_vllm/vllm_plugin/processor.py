@@ -1,0 +1,170 @@
+"""Pre-fill planning inside vLLM: the "context" modality.
+
+A request carries its long context as `multi_modal_data={"context": ...}`: text,
+`{"text": ...}` or `{"token_ids": [...]}`, optionally with `"k"`, `"raw_tail"`,
+`"reserve"` (also accepted as `mm_processor_kwargs`). The processor lays out
+context + prompt exactly as the reference model does (same `plan_compression`):
+each compressed chunk becomes one multimodal item whose placeholder slots the
+embedder fills, the raw tail stays as tokens. One item per chunk, hashed on its
+content and k, lets vLLM's encoder cache and prefix caching reuse chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+from vllm.inputs import mm_input
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
+from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser, ProcessorBatchItems
+from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
+
+from ..model import ContextError, ExtEmbConfig, plan_compression
+
+MODALITY = "context"
+PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
+OPTION_KEYS = ("k", "raw_tail", "reserve")
+DEFAULT_RESERVE = 256  # window positions kept free for generation when a request does not say
+
+
+class ContextItems(ProcessorBatchItems):
+    def __init__(self, data):
+        super().__init__(data, MODALITY)
+
+
+class ContextDataParser(MultiModalDataParser):
+    def _parse_context(self, data):
+        if data is None:
+            return None
+        items = data if isinstance(data, list) and data and not isinstance(data[0], int) else [data]
+        for item in items:
+            _validate_context_item(item)
+        return ContextItems(items)
+
+    def _get_subparsers(self):
+        return {**super()._get_subparsers(), MODALITY: self._parse_context}
+
+
+def _validate_context_item(item):
+    if isinstance(item, str):
+        return
+    if isinstance(item, dict):
+        unknown = set(item) - {"text", "token_ids", *OPTION_KEYS}
+        if unknown:
+            raise ContextError(f"unknown keys in a context item: {sorted(unknown)}")
+        if ("text" in item) == ("token_ids" in item):
+            raise ContextError("a context item needs exactly one of 'text' or 'token_ids'")
+        return
+    raise ContextError(f"a context is a string or a dict with 'text' or 'token_ids', got {type(item).__name__}")
+
+
+class ExtEmbProcessingInfo(BaseProcessingInfo):
+    @property
+    def ext(self) -> ExtEmbConfig:
+        return ExtEmbConfig.from_dict(self.get_hf_config().extemb)
+
+    def get_data_parser(self):
+        return ContextDataParser(expected_hidden_size=self._get_expected_hidden_size())
+
+    def get_supported_mm_limits(self):
+        return {MODALITY: 1}
+
+    def get_supported_mm_processor_kwargs(self):
+        return {}
+
+    def get_mm_max_tokens_per_item(self, seq_len, mm_counts):
+        # one item = one chunk; at most one slot per token, and never more than the window
+        return {MODALITY: min(self.ext.chunk_size, self.ext.window, seq_len)}
+
+
+class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
+    def get_dummy_text(self, mm_counts):
+        return ""
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        if not mm_counts.get(MODALITY):
+            return {}
+        # the largest item: one full chunk at k=1 (for memory profiling)
+        n = min(self.info.ext.chunk_size, self.info.ext.window - 1, seq_len - 1)
+        return {MODALITY: {"token_ids": [PLACEHOLDER_TOKEN_ID] * (n + 1), "k": 1, "raw_tail": 1, "reserve": 0}}
+
+
+def _options(item, request_kwargs: Mapping[str, object]) -> dict:
+    opts = {k: request_kwargs[k] for k in OPTION_KEYS if request_kwargs.get(k) is not None}
+    if isinstance(item, dict):
+        opts.update({k: item[k] for k in OPTION_KEYS if item.get(k) is not None})
+    for key in ("raw_tail", "reserve"):
+        if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 0):
+            raise ContextError(f"{key} must be a non-negative integer, got {opts[key]!r}")
+    return opts
+
+
+def chunk_hash(model_id: str, k: int, ids: Sequence[int]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"extemb|{model_id}|k={k}|".encode())
+    h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        return {
+            "context_ids": MultiModalFieldConfig.batched(MODALITY),
+            # k picks rows on the host; keeping it there avoids a device sync per step
+            "context_k": MultiModalFieldConfig.batched(MODALITY, keep_on_cpu=True),
+        }
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        return []  # apply() lays out the prompt itself
+
+    def _context_ids(self, item) -> list[int]:
+        if isinstance(item, dict) and "token_ids" in item:
+            ids = item["token_ids"]
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ContextError("context token_ids must be integers")
+            vocab = self.info.get_hf_config().vocab_size
+            if ids and not 0 <= min(ids) <= max(ids) < vocab:
+                raise ContextError(f"context token_ids must lie in [0, {vocab})")
+            return ids
+        text = item["text"] if isinstance(item, dict) else item
+        return self.info.get_tokenizer().encode(text, add_special_tokens=False)
+
+    def apply(self, inputs, timing_ctx):
+        ext = self.info.ext
+        items = inputs.mm_data_items.get(MODALITY)
+        item = items.get(0) if items is not None and len(items) else None
+        ctx_ids = self._context_ids(item) if item is not None else []
+        prompt = list(inputs.prompt)
+        bos = self.info.get_tokenizer().bos_token_id
+        lead = []
+        if ctx_ids and prompt and bos is not None and prompt[0] == bos:
+            lead, prompt = [bos], prompt[1:]  # BOS goes first, before the context
+        full = lead + ctx_ids + prompt
+        if item is not None and not ctx_ids:
+            raise ContextError("empty context: there are no tokens to read")
+        opts = _options(item, inputs.hf_processor_mm_kwargs)
+        plan = plan_compression(len(full), ext, k=opts.get("k"), raw_tail=opts.get("raw_tail"),
+                                reserve=opts.get("reserve", DEFAULT_RESERVE))
+        if plan.k is None:
+            return mm_input(prompt_token_ids=full, mm_kwargs=MultiModalKwargsItems({}), mm_hashes={},
+                            mm_placeholders={})
+
+        chunks = [full[s:e] for s, e in plan.chunks]
+        slots = [-(-len(c) // plan.k) for c in chunks]
+        offsets = np.concatenate([[0], np.cumsum(slots)[:-1]]).tolist()
+        prompt_ids = [PLACEHOLDER_TOKEN_ID] * plan.n_slots + full[plan.n_compressed :]
+        hf_inputs = BatchFeature({
+            "context_ids": [torch.tensor(c, dtype=torch.long) for c in chunks],
+            "context_k": torch.full((len(chunks),), plan.k, dtype=torch.long),
+        })
+        mm_kwargs = MultiModalKwargsItems.from_hf_inputs(hf_inputs, self._get_mm_fields_config(hf_inputs, {}))
+        return mm_input(
+            prompt_token_ids=prompt_ids,
+            mm_kwargs=mm_kwargs,
+            mm_hashes={MODALITY: [chunk_hash(self.info.model_id, plan.k, c) for c in chunks]},
+            mm_placeholders={MODALITY: [PlaceholderRange(offset=o, length=n) for o, n in zip(offsets, slots)]},
+        )

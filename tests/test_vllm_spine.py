@@ -1,0 +1,71 @@
+"""The spine: vLLM with the plug-in gives the reference model's greedy tokens and log-probs."""
+
+import pytest
+import torch
+
+from .vllm_helpers import compare_with_reference, make_llm, shutdown
+
+# |logprob difference| bounds, fp32 on CPU (vLLM's paged-attention kernel vs torch SDPA).
+# Observed: tiny model ~5e-7; SmolLM2 (30 layers, up to 2.7K positions) ~2.6e-4. For scale:
+# a 1% change of one embedder matrix of the tiny model moves log-probs by ~1e-3, a wrong
+# layout (positions, k, slots) by far more.
+TOL = 2e-4
+TOL_SMOLLM2 = 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint, max_model_len=64, max_num_batched_tokens=512)
+    yield llm
+    shutdown(llm)
+
+
+def _ids(n, seed):
+    return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("k", [None, 2, 4, 8])
+def test_tiny_single_request(tiny_llm, tiny, k):
+    model, _ = tiny
+    n = 120 if k in (None, 8) else 60  # k=2 fits only shorter contexts in the 64-token window
+    worst = compare_with_reference(tiny_llm, model, [(_ids(n, 1), 10, {"k": k, "reserve": 4})])
+    assert worst < TOL
+
+
+def test_tiny_batch_mix(tiny_llm, tiny):
+    """Long and short prompts, several k and raw tails, in one batch."""
+    model, _ = tiny
+    cases = [
+        (_ids(200, 2), 10, {"reserve": 4}),              # adaptive k (8)
+        (_ids(30, 3), 30, {}),                            # short: a plain prompt, nothing compressed
+        (_ids(90, 4), 5, {"k": 4, "raw_tail": 8, "reserve": 4}),
+        (_ids(50, 5), 20, {"k": 2, "raw_tail": 20, "reserve": 4}),
+        (_ids(45, 6), 40, {"reserve": 4}),                # context given but it fits: stays raw
+    ]
+    assert compare_with_reference(tiny_llm, model, cases) < TOL
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_checkpoint, tiny_llm):
+    # tiny_llm first: one engine at a time in this process, torn down in order
+    from extemb_vllm.model.checkpoint import load_model
+
+    return load_model(smollm2_checkpoint)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_reference(smollm2, smollm2_checkpoint, heldout_texts, tiny_llm):
+    model, tok = smollm2
+    text = (heldout_texts / "pericles.txt").read_text()
+    ids = tok(text).input_ids
+    llm = make_llm(smollm2_checkpoint, max_model_len=model.ext.window, max_num_batched_tokens=8192)
+    try:
+        cases = [
+            (ids[:720], 20, {"k": 8, "raw_tail": 64, "reserve": 4}),
+            (ids[1000:1700], 30, {"k": 4, "raw_tail": 100, "reserve": 4}),
+            (ids[5000:5050], 50, {}),                              # short plain prompt
+            (ids[8000:12400], 40, {}),                             # over the window: adaptive k
+        ]
+        assert compare_with_reference(llm, model, cases) < TOL_SMOLLM2
+    finally:
+        shutdown(llm)

