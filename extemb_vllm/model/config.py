@@ -23,6 +23,7 @@ class ExtEmbConfig:
     k_ladder: tuple[int, ...] = (2, 4, 8, 16, 32)  # adaptive k picks the smallest that fits
     window: int = 4096  # positions the LLM sees: compact slots + raw tail (+ generated tokens)
     raw_tail: int = 1024  # most recent tokens kept as normal token embeddings
+    reserve: int = 256  # window positions a server keeps free for generated tokens by default
 
     def __post_init__(self):
         object.__setattr__(self, "k_ladder", tuple(sorted(int(k) for k in self.k_ladder)))
@@ -34,6 +35,8 @@ class ExtEmbConfig:
             raise ValueError(f"k_ladder must be non-empty integers >= 1, got {self.k_ladder}")
         if not 0 < self.raw_tail < self.window:
             raise ValueError(f"need 0 < raw_tail < window, got raw_tail={self.raw_tail}, window={self.window}")
+        if not 0 <= self.reserve < self.window - self.raw_tail:
+            raise ValueError(f"need 0 <= reserve < window - raw_tail, got reserve={self.reserve}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -144,3 +147,14 @@ def plan_compression(
         f"Use a larger k, a shorter raw tail or a shorter input (at most about "
         f"{(budget - raw) * kk + raw} tokens at k={kk})."
     )
+
+
+def max_context_tokens(cfg: ExtEmbConfig, reserve: int | None = None) -> int:
+    """The longest input that fits the window at the largest k of the ladder (the extended length)."""
+    k = cfg.k_ladder[-1]
+    free = cfg.window - cfg.raw_tail - (cfg.reserve if reserve is None else reserve)  # positions left for compact slots
+    # every chunk of c tokens takes ceil(c/k) slots: count whole chunks, then a partial one
+    per_chunk = -(-cfg.chunk_size // k)
+    full = free // per_chunk
+    rest_slots = free - full * per_chunk
+    return full * cfg.chunk_size + min(rest_slots * k, cfg.chunk_size - 1) + cfg.raw_tail

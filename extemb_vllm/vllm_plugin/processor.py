@@ -2,7 +2,8 @@
 
 A request carries its long context as `multi_modal_data={"context": ...}`: text,
 `{"text": ...}` or `{"token_ids": [...]}`, optionally with `"k"`, `"raw_tail"`,
-`"reserve"` (also accepted as `mm_processor_kwargs`). The processor lays out
+`"reserve"` (positions kept free for generation; default the checkpoint's), also
+accepted as `mm_processor_kwargs`. The processor lays out
 context + prompt exactly as the reference model does (same `plan_compression`):
 each compressed chunk becomes one multimodal item whose placeholder slots the
 embedder fills, the raw tail stays as tokens. One item per chunk, hashed on its
@@ -27,7 +28,6 @@ from ..model import ContextError, ExtEmbConfig, plan_compression
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
 OPTION_KEYS = ("k", "raw_tail", "reserve")
-DEFAULT_RESERVE = 256  # window positions kept free for generation when a request does not say
 
 
 class ContextItems(ProcessorBatchItems):
@@ -92,7 +92,7 @@ class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
         return {MODALITY: {"token_ids": [PLACEHOLDER_TOKEN_ID] * (n + 1), "k": 1, "raw_tail": 1, "reserve": 0}}
 
 
-def _options(item, request_kwargs: Mapping[str, object]) -> dict:
+def request_options(item, request_kwargs: Mapping[str, object]) -> dict:
     opts = {k: request_kwargs[k] for k in OPTION_KEYS if request_kwargs.get(k) is not None}
     if isinstance(item, dict):
         opts.update({k: item[k] for k in OPTION_KEYS if item.get(k) is not None})
@@ -146,9 +146,9 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         full = lead + ctx_ids + prompt
         if item is not None and not ctx_ids:
             raise ContextError("empty context: there are no tokens to read")
-        opts = _options(item, inputs.hf_processor_mm_kwargs)
+        opts = request_options(item, inputs.hf_processor_mm_kwargs)
         plan = plan_compression(len(full), ext, k=opts.get("k"), raw_tail=opts.get("raw_tail"),
-                                reserve=opts.get("reserve", DEFAULT_RESERVE))
+                                reserve=opts.get("reserve", ext.reserve))
         if plan.k is None:
             return mm_input(prompt_token_ids=full, mm_kwargs=MultiModalKwargsItems({}), mm_hashes={},
                             mm_placeholders={})

@@ -1,0 +1,59 @@
+"""Over-long plain prompts: compress them instead of rejecting them.
+
+vLLM hands a prompt without multimodal data straight to the engine, whose length
+limit is the window (the KV cache is sized for it). For ExtEmb models this
+renderer (a) lets tokenisation accept prompts up to the extended context length
+and (b) turns a prompt longer than the window into a "context" request — its
+oldest tokens compressed, the recent raw tail kept — before the engine's length
+check. Everything else, and every other model, goes through vLLM's HfRenderer
+unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vllm.renderers.hf import HfRenderer
+
+from ..model import ExtEmbConfig
+from ..model.config import max_context_tokens
+from . import ARCHITECTURE
+from .processor import MODALITY, request_options
+
+
+class ExtEmbRenderer(HfRenderer):
+    def __init__(self, config, tokenizer):
+        super().__init__(config, tokenizer)
+        hf = self.model_config.hf_config
+        is_extemb = ARCHITECTURE in (getattr(hf, "architectures", None) or [])
+        self.ext = ExtEmbConfig.from_dict(hf.extemb) if is_extemb else None
+
+    def _extended(self, params):
+        if self.ext is None or params.max_total_tokens is None:
+            return params
+        return dataclasses.replace(params, max_total_tokens=max_context_tokens(self.ext))
+
+    def _tokenize_singleton_prompt(self, prompt, params):
+        return super()._tokenize_singleton_prompt(prompt, self._extended(params))
+
+    async def _tokenize_singleton_prompt_async(self, prompt, params):
+        return await super()._tokenize_singleton_prompt_async(prompt, self._extended(params))
+
+    def _as_context_request(self, prompt):
+        if self.ext is None or prompt.get("multi_modal_data"):
+            return prompt
+        ids = prompt["prompt_token_ids"]
+        opts = request_options(None, prompt.get("mm_processor_kwargs") or {})
+        fits = len(ids) <= self.ext.window - opts.get("reserve", self.ext.reserve)
+        if fits and opts.get("k") is None:  # a given k compresses even what fits, as in the reference
+            return prompt
+        # everything but the last token is "context"; the processor plans over both exactly
+        # as the reference model plans over the whole prompt
+        return {**prompt, "prompt_token_ids": ids[-1:],
+                "multi_modal_data": {MODALITY: {"token_ids": list(ids[:-1])}}}
+
+    def _process_tokens(self, prompt, *, skip_mm_cache=False):
+        return super()._process_tokens(self._as_context_request(prompt), skip_mm_cache=skip_mm_cache)
+
+    async def _process_tokens_async(self, prompt, *, skip_mm_cache=False):
+        return await super()._process_tokens_async(self._as_context_request(prompt), skip_mm_cache=skip_mm_cache)
