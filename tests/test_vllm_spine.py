@@ -71,3 +71,43 @@ def test_smollm2_matches_reference(smollm2, smollm2_checkpoint, heldout_texts, t
         assert compare_with_reference(llm, model, cases) < TOL_SMOLLM2
     finally:
         shutdown(llm)
+
+
+def test_tiny_precomputed_compact_embeddings(tiny_llm, tiny):
+    """Compact embeddings made outside the engine (as the Ray workers do) give the same output."""
+    from vllm import SamplingParams
+
+    model, _ = tiny
+    ids = torch.tensor(_ids(200, 9))
+    plan = model.plan(200, k=8, reserve=4)
+    compact = model.compact_embeddings(ids[: plan.n_compressed], 8)
+    sp = SamplingParams(max_tokens=4, temperature=0, logprobs=0)
+    req = {"prompt_token_ids": ids[plan.n_compressed :].tolist(),
+           "multi_modal_data": {"context": {"embeds": compact, "reserve": 4}}}
+    from_embeds, from_ids = tiny_llm.generate(
+        [req, {"prompt_token_ids": ids.tolist(), "mm_processor_kwargs": {"k": 8, "reserve": 4}}], sp, use_tqdm=False)
+    assert from_embeds.outputs[0].token_ids == from_ids.outputs[0].token_ids
+    a = [next(iter(d.values())).logprob for d in from_embeds.outputs[0].logprobs]
+    b = [next(iter(d.values())).logprob for d in from_ids.outputs[0].logprobs]
+    assert max(abs(x - y) for x, y in zip(a, b)) < TOL
+
+
+@pytest.mark.parametrize("embeds,message", [
+    (torch.full((6, 128), float("nan")), "NaN or infinite"),
+    (torch.full((6, 128), float("inf")), "NaN or infinite"),
+    (torch.zeros(6, 64), r"shape \(n >= 1, 128\)"),
+    (torch.zeros(1, 6, 128), r"shape \(n >= 1, 128\)"),
+    (torch.zeros(0, 128), r"shape \(n >= 1, 128\)"),
+    (torch.zeros(6, 128, dtype=torch.int32), "must be float32"),
+    ([[0.0] * 128] * 6, "must be a torch.Tensor"),
+    (torch.zeros(70, 128), "> window 64"),
+])
+def test_tiny_malformed_embeddings_are_refused(tiny_llm, embeds, message):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=2, temperature=0)
+    with pytest.raises(Exception, match=message):
+        tiny_llm.generate({"prompt_token_ids": [5, 6, 7], "multi_modal_data": {"context": {"embeds": embeds}}}, sp,
+                          use_tqdm=False)
+    ok = tiny_llm.generate({"prompt_token_ids": [5, 6, 7]}, sp, use_tqdm=False)  # the engine keeps serving
+    assert len(ok[0].outputs[0].token_ids) == 2

@@ -56,6 +56,9 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        dtype = self.language_model.model.embed_tokens.weight.dtype
+        if (embeds := kwargs.get("context_embeds")) is not None:  # precomputed, validated by the processor
+            return [e.to(dtype) for e in embeds]
         ids, ks = kwargs.get("context_ids"), kwargs.get("context_k")
         if ids is None:
             return []

@@ -1,7 +1,9 @@
 """Pre-fill planning inside vLLM: the "context" modality.
 
 A request carries its long context as `multi_modal_data={"context": ...}`: text,
-`{"text": ...}` or `{"token_ids": [...]}`, optionally with `"k"`, `"raw_tail"`,
+`{"text": ...}`, `{"token_ids": [...]}`, or precomputed compact embeddings
+`{"embeds": tensor (n, hidden)}` (made elsewhere, e.g. by the Ray embedder
+workers; the prompt then holds the raw tail), optionally with `"k"`, `"raw_tail"`,
 `"reserve"` (positions kept free for generation; default the checkpoint's), also
 accepted as `mm_processor_kwargs`. The processor lays out
 context + prompt exactly as the reference model does (same `plan_compression`):
@@ -28,6 +30,8 @@ from ..model import ContextError, ExtEmbConfig, plan_compression
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
 OPTION_KEYS = ("k", "raw_tail", "reserve")
+SOURCE_KEYS = ("text", "token_ids", "embeds")
+EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class ContextItems(ProcessorBatchItems):
@@ -52,11 +56,11 @@ def _validate_context_item(item):
     if isinstance(item, str):
         return
     if isinstance(item, dict):
-        unknown = set(item) - {"text", "token_ids", *OPTION_KEYS}
+        unknown = set(item) - {*SOURCE_KEYS, *OPTION_KEYS}
         if unknown:
             raise ContextError(f"unknown keys in a context item: {sorted(unknown)}")
-        if ("text" in item) == ("token_ids" in item):
-            raise ContextError("a context item needs exactly one of 'text' or 'token_ids'")
+        if sum(key in item for key in SOURCE_KEYS) != 1:
+            raise ContextError(f"a context item needs exactly one of {SOURCE_KEYS}")
         return
     raise ContextError(f"a context is a string or a dict with 'text' or 'token_ids', got {type(item).__name__}")
 
@@ -102,6 +106,26 @@ def request_options(item, request_kwargs: Mapping[str, object]) -> dict:
     return opts
 
 
+def validate_compact_embeds(embeds, hidden_size: int) -> torch.Tensor:
+    """Precomputed compact embeddings must be a finite (n >= 1, hidden_size) float tensor."""
+    if not isinstance(embeds, torch.Tensor):
+        raise ContextError(f"context embeds must be a torch.Tensor, got {type(embeds).__name__}")
+    if embeds.dtype not in EMBED_DTYPES:
+        raise ContextError(f"context embeds must be float32, bfloat16 or float16, got {embeds.dtype}")
+    if embeds.dim() != 2 or embeds.shape[0] < 1 or embeds.shape[1] != hidden_size:
+        raise ContextError(f"context embeds must have shape (n >= 1, {hidden_size}), got {tuple(embeds.shape)}")
+    if not torch.isfinite(embeds).all():
+        raise ContextError("context embeds contain NaN or infinite values")
+    return embeds.detach().cpu().contiguous()
+
+
+def embeds_hash(model_id: str, embeds: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"extemb|{model_id}|embeds|{embeds.dtype}|{tuple(embeds.shape)}|".encode())
+    h.update(embeds.view(torch.uint8).numpy().tobytes())  # raw bytes, any float dtype
+    return h.hexdigest()
+
+
 def chunk_hash(model_id: str, k: int, ids: Sequence[int]) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"extemb|{model_id}|k={k}|".encode())
@@ -112,6 +136,7 @@ def chunk_hash(model_id: str, k: int, ids: Sequence[int]) -> str:
 class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         return {
+            "context_embeds": MultiModalFieldConfig.batched(MODALITY),
             "context_ids": MultiModalFieldConfig.batched(MODALITY),
             # k picks rows on the host; keeping it there avoids a device sync per step
             "context_k": MultiModalFieldConfig.batched(MODALITY, keep_on_cpu=True),
@@ -133,10 +158,29 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         text = item["text"] if isinstance(item, dict) else item
         return self.info.get_tokenizer().encode(text, add_special_tokens=False)
 
+    def _apply_embeds(self, item, prompt: list[int]):
+        """Precomputed compact embeddings: the slots come first, the prompt is the raw part."""
+        ext = self.info.ext
+        embeds = validate_compact_embeds(item["embeds"], self.info.get_hf_config().hidden_size)
+        n = embeds.shape[0]
+        reserve = request_options(item, {}).get("reserve", ext.reserve)
+        if n + len(prompt) + reserve > ext.window:
+            raise ContextError(f"{n} compact embeddings + {len(prompt)} prompt tokens + {reserve} reserved "
+                               f"= {n + len(prompt) + reserve} > window {ext.window}")
+        hf_inputs = BatchFeature({"context_embeds": [embeds]})
+        return mm_input(
+            prompt_token_ids=[PLACEHOLDER_TOKEN_ID] * n + prompt,
+            mm_kwargs=MultiModalKwargsItems.from_hf_inputs(hf_inputs, self._get_mm_fields_config(hf_inputs, {})),
+            mm_hashes={MODALITY: [embeds_hash(self.info.model_id, embeds)]},
+            mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=n)]},
+        )
+
     def apply(self, inputs, timing_ctx):
         ext = self.info.ext
         items = inputs.mm_data_items.get(MODALITY)
         item = items.get(0) if items is not None and len(items) else None
+        if isinstance(item, dict) and "embeds" in item:
+            return self._apply_embeds(item, list(inputs.prompt))
         ctx_ids = self._context_ids(item) if item is not None else []
         prompt = list(inputs.prompt)
         bos = self.info.get_tokenizer().bos_token_id
