@@ -1,12 +1,19 @@
 # The two README commands. Each one sets up ./.venv first (idempotent, fast when done).
-.PHONY: demo test setup
+.PHONY: demo serve reference-demo test setup
 
 setup:
 	@bash scripts/setup.sh
 
 # Main job on the embedded default: prepare texts, build ./extemb-llama2 (reused
-# when up to date), continue a long held-out document through the reference model.
+# when up to date), start `vllm serve --model extemb-llama2`, send it a document
+# longer than the window through the OpenAI client, and keep serving.
 demo: setup
+	@.venv/bin/extemb data >/dev/null
+	@.venv/bin/extemb build
+	@bash scripts/serve_demo.sh
+
+# The same document continued by the plain-transformers reference model.
+reference-demo: setup
 	@.venv/bin/extemb data >/dev/null
 	@.venv/bin/extemb build
 	@.venv/bin/extemb demo

@@ -130,6 +130,14 @@ def cmd_train(args):
     print(train(cfg, resume=args.resume))
 
 
+def cmd_bench_prefill(args):
+    from .bench import prefill
+
+    result = prefill.run(args.model, tokens=args.tokens, k=args.k, requests=args.requests, repeats=args.repeats,
+                         json_path=args.json)
+    print(prefill.format_table(result))
+
+
 def _model_args(p):
     p.add_argument("--model", default="extemb-llama2", help="checkpoint directory (default: ./extemb-llama2)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -208,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="data/cache")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(fn=cmd_train)
+
+    bench = sub.add_parser("bench", help="benchmarks against plain vLLM, in one run").add_subparsers(
+        dest="what", required=True)
+    p = bench.add_parser("prefill", help="pre-fill time and KV blocks: plug-in vs plain vLLM full attention")
+    p.add_argument("--model", default="extemb-llama2")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--requests", type=int, default=1, help="requests per batch")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json")
+    p.set_defaults(fn=cmd_bench_prefill)
 
     p = sub.add_parser("demo", help="continue a long document through the reference model")
     _model_args(p)

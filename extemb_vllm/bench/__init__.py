@@ -1,0 +1,1 @@
+"""Benchmarks: every figure is measured against a baseline in the same run."""
