@@ -132,3 +132,13 @@ def test_bad_input_is_a_400_and_the_server_keeps_serving(client, document, body,
     assert re.search(message, str(e.value)), str(e.value)
     ok = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=2)
     assert ok.choices[0].text is not None
+
+
+def test_readme_first_command_serves_and_answers(smollm2_checkpoint, heldout_texts):
+    """`make demo`'s last step: serve the default, send an over-long document, stop (DEMO_EXIT=1)."""
+    env = dict(os.environ, DEMO_EXIT="1", PORT=str(_free_port()), HF_HUB_OFFLINE="1")
+    r = subprocess.run(["bash", "scripts/serve_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "accepts up to 91136 tokens" in r.stdout
+    assert "the engine read" in r.stdout and "--- chat, streamed ---" in r.stdout

@@ -111,3 +111,35 @@ def test_tiny_malformed_embeddings_are_refused(tiny_llm, embeds, message):
                           use_tqdm=False)
     ok = tiny_llm.generate({"prompt_token_ids": [5, 6, 7]}, sp, use_tqdm=False)  # the engine keeps serving
     assert len(ok[0].outputs[0].token_ids) == 2
+
+
+def test_tiny_context_as_text_equals_context_as_token_ids(tiny_llm, tiny):
+    from vllm import SamplingParams
+
+    _, tok = tiny
+    text = "it was the age of wisdom, it was the age of foolishness, " * 6
+    ids = tok(text, add_special_tokens=False).input_ids
+    prompt = tok(" it was", add_special_tokens=False).input_ids
+    sp = SamplingParams(max_tokens=3, temperature=0, logprobs=0)
+    a, b = tiny_llm.generate([
+        {"prompt_token_ids": prompt, "multi_modal_data": {"context": text}},
+        {"prompt_token_ids": prompt, "multi_modal_data": {"context": {"token_ids": ids}}},
+    ], sp, use_tqdm=False)
+    assert len(ids) + len(prompt) > 64 - 4 and a.prompt_token_ids == b.prompt_token_ids  # compressed, same layout
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("context,message", [
+    ({"text": "a", "token_ids": [1]}, "exactly one of"),
+    ({"txt": "a"}, "unknown keys"),
+    ({"token_ids": [1, 2, 99999]}, r"must lie in \[0, 320\)"),
+    ({"token_ids": []}, "empty context"),
+    ({"text": "a b c", "k": 0}, "k must be >= 1"),
+    (42, "a context is a string or a dict"),
+])
+def test_tiny_bad_context_is_refused(tiny_llm, context, message):
+    from vllm import SamplingParams
+
+    with pytest.raises(Exception, match=message):
+        tiny_llm.generate({"prompt_token_ids": [5, 6], "multi_modal_data": {"context": context}},
+                          SamplingParams(max_tokens=1), use_tqdm=False)
