@@ -119,6 +119,7 @@ def test_repeated_document_is_served_from_cache(client, server, document):
     ({"mm_processor_kwargs": {"k": 0}}, "k must be >= 1"),
     ({"mm_processor_kwargs": {"k": -4}}, "k must be >= 1"),
     ({"mm_processor_kwargs": {"k": 2.5}}, "k must be an integer"),
+    ({"mm_processor_kwargs": {"k": 12}}, "not served by this model"),
     ({"mm_processor_kwargs": {"k": 2}}, "does not fit"),  # with a document too long for k=2, below
     ({"mm_processor_kwargs": {"raw_tail": -1}}, "raw_tail must be"),
 ])

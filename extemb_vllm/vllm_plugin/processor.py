@@ -26,6 +26,7 @@ from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser, Pro
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
 from ..model import ContextError, ExtEmbConfig, plan_compression
+from ..model.config import check_k
 
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
@@ -80,8 +81,8 @@ class ExtEmbProcessingInfo(BaseProcessingInfo):
         return {}
 
     def get_mm_max_tokens_per_item(self, seq_len, mm_counts):
-        # one item = one chunk; at most one slot per token, and never more than the window
-        return {MODALITY: min(self.ext.chunk_size, self.ext.window, seq_len)}
+        # one item = one chunk: ceil(chunk / smallest k) slots, never more than the window
+        return {MODALITY: min(-(-self.ext.chunk_size // self.ext.k_ladder[0]), self.ext.window, seq_len)}
 
 
 class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
@@ -91,15 +92,25 @@ class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         if not mm_counts.get(MODALITY):
             return {}
-        # the largest item: one full chunk at k=1 (for memory profiling)
-        n = min(self.info.ext.chunk_size, self.info.ext.window - 1, seq_len - 1)
-        return {MODALITY: {"token_ids": [PLACEHOLDER_TOKEN_ID] * (n + 1), "k": 1, "raw_tail": 1, "reserve": 0}}
+        # the largest item: one full chunk at the smallest k served (for memory profiling)
+        ext = self.info.ext
+        k = ext.k_ladder[0]
+        n = min(ext.chunk_size, (ext.window - 1) * k, (seq_len - 1) * k)
+        return {MODALITY: {"token_ids": [PLACEHOLDER_TOKEN_ID] * (n + 1), "k": k, "raw_tail": 1, "reserve": 0}}
 
 
-def request_options(item, request_kwargs: Mapping[str, object]) -> dict:
+def request_options(item, request_kwargs: Mapping[str, object], ext: ExtEmbConfig) -> dict:
+    """k / raw_tail / reserve of a request (the item's own override the request's), validated.
+
+    A served k must be one of the ladder's: the embedder was trained for those.
+    """
     opts = {k: request_kwargs[k] for k in OPTION_KEYS if request_kwargs.get(k) is not None}
     if isinstance(item, dict):
         opts.update({k: item[k] for k in OPTION_KEYS if item.get(k) is not None})
+    if "k" in opts:
+        check_k(opts["k"])
+        if opts["k"] not in ext.k_ladder:
+            raise ContextError(f"k={opts['k']} is not served by this model; choose one of {list(ext.k_ladder)}")
     for key in ("raw_tail", "reserve"):
         if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 0):
             raise ContextError(f"{key} must be a non-negative integer, got {opts[key]!r}")
@@ -163,7 +174,7 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         ext = self.info.ext
         embeds = validate_compact_embeds(item["embeds"], self.info.get_hf_config().hidden_size)
         n = embeds.shape[0]
-        reserve = request_options(item, {}).get("reserve", ext.reserve)
+        reserve = request_options(item, {}, ext).get("reserve", ext.reserve)
         if n + len(prompt) + reserve > ext.window:
             raise ContextError(f"{n} compact embeddings + {len(prompt)} prompt tokens + {reserve} reserved "
                                f"= {n + len(prompt) + reserve} > window {ext.window}")
@@ -190,7 +201,7 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         full = lead + ctx_ids + prompt
         if item is not None and not ctx_ids:
             raise ContextError("empty context: there are no tokens to read")
-        opts = request_options(item, inputs.hf_processor_mm_kwargs)
+        opts = request_options(item, inputs.hf_processor_mm_kwargs, ext)
         plan = plan_compression(len(full), ext, k=opts.get("k"), raw_tail=opts.get("raw_tail"),
                                 reserve=opts.get("reserve", ext.reserve))
         if plan.k is None:

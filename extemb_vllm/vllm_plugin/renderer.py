@@ -43,7 +43,7 @@ class ExtEmbRenderer(HfRenderer):
         if self.ext is None or prompt.get("multi_modal_data"):
             return prompt
         ids = prompt["prompt_token_ids"]
-        opts = request_options(None, prompt.get("mm_processor_kwargs") or {})
+        opts = request_options(None, prompt.get("mm_processor_kwargs") or {}, self.ext)
         fits = len(ids) <= self.ext.window - opts.get("reserve", self.ext.reserve)
         if fits and opts.get("k") is None:  # a given k compresses even what fits, as in the reference
             return prompt
