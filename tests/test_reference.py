@@ -5,7 +5,7 @@ import torch
 
 from extemb_vllm.model import ContextError, ExtEmbConfig, plan_compression
 
-CFG = ExtEmbConfig(embedder_layers=2, chunk_size=16, k_ladder=(2, 4, 8), window=64, raw_tail=16)
+CFG = ExtEmbConfig(embedder_layers=2, chunk_size=16, k_ladder=(2, 4, 8), window=64, raw_tail=16, reserve=4)
 
 
 def test_input_that_fits_stays_raw():
