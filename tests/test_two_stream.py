@@ -96,3 +96,24 @@ def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
     train(cfg, resume=True)
     recs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_loss_goes_down_on_real_text(smollm2_checkpoint, heldout_texts):
+    """A few optimiser steps on one real-text sample lower its two-stream loss (SmolLM2, fp32)."""
+    from extemb_vllm.model.checkpoint import load_model
+
+    model, tok = load_model(smollm2_checkpoint)
+    model.embedder.train()
+    ids = torch.tensor(tok((heldout_texts / "sonnets.txt").read_text()).input_ids[3000:4024])
+    opt = torch.optim.AdamW(model.embedder.parameters(), lr=2e-4)
+    losses = []
+    for _ in range(4):
+        loss = two_stream_forward(model, ids, 8, 256)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(two_stream_forward(model, ids, 8, 256).item())
+    assert losses[-1] < losses[0] - 0.05, losses

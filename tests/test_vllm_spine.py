@@ -47,32 +47,6 @@ def test_tiny_batch_mix(tiny_llm, tiny):
     assert compare_with_reference(tiny_llm, model, cases) < TOL
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_checkpoint, tiny_llm):
-    # tiny_llm first: one engine at a time in this process, torn down in order
-    from extemb_vllm.model.checkpoint import load_model
-
-    return load_model(smollm2_checkpoint)
-
-
-@pytest.mark.slow
-def test_smollm2_matches_reference(smollm2, smollm2_checkpoint, heldout_texts, tiny_llm):
-    model, tok = smollm2
-    text = (heldout_texts / "pericles.txt").read_text()
-    ids = tok(text).input_ids
-    llm = make_llm(smollm2_checkpoint, max_model_len=model.ext.window, max_num_batched_tokens=8192)
-    try:
-        cases = [
-            (ids[:720], 20, {"k": 8, "raw_tail": 64, "reserve": 4}),
-            (ids[1000:1700], 30, {"k": 4, "raw_tail": 100, "reserve": 4}),
-            (ids[5000:5050], 50, {}),                              # short plain prompt
-            (ids[8000:12400], 40, {}),                             # over the window: adaptive k
-        ]
-        assert compare_with_reference(llm, model, cases) < TOL_SMOLLM2
-    finally:
-        shutdown(llm)
-
-
 def test_tiny_precomputed_compact_embeddings(tiny_llm, tiny):
     """Compact embeddings made outside the engine (as the Ray workers do) give the same output."""
     from vllm import SamplingParams
