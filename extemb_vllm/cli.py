@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="what", required=True)
     p = bench.add_parser("prefill", help="pre-fill time and KV blocks: plug-in vs plain vLLM full attention")
     p.add_argument("--model", default="extemb-llama2")
-    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--tokens", type=int, default=8000, help="prompt tokens (plain vLLM needs tokens + 1 <= the base's positions)")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--requests", type=int, default=1, help="requests per batch")
     p.add_argument("--repeats", type=int, default=3)

@@ -66,7 +66,7 @@ def _time_requests(llm, prompts, repeats):
     return statistics.median(times), statistics.mean(positions), block
 
 
-def run(model_dir="extemb-llama2", tokens=8192, k=16, requests=1, repeats=3, json_path=None) -> dict:
+def run(model_dir="extemb-llama2", tokens=8000, k=16, requests=1, repeats=3, json_path=None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
