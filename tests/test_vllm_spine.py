@@ -108,6 +108,8 @@ def test_tiny_context_as_text_equals_context_as_token_ids(tiny_llm, tiny):
     ({"txt": "a"}, "unknown keys"),
     ({"token_ids": [1, 2, 99999]}, r"must lie in \[0, 320\)"),
     ({"token_ids": []}, "empty context"),
+    ({"token_ids": [1, 2.5]}, "flat list of integers"),
+    ({"token_ids": [[1, 2]]}, "flat list of integers"),
     ({"text": "a b c", "k": 0}, "k must be >= 1"),
     ({"text": "a b c", "k": 3}, r"k=3 is not served by this model; choose one of \[2, 4, 8\]"),
     (42, "a context is a string or a dict"),

@@ -159,13 +159,13 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
     def _context_ids(self, item) -> list[int]:
         if isinstance(item, dict) and "token_ids" in item:
             ids = item["token_ids"]
-            ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise ContextError("context token_ids must be integers")
+            arr = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+            if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):  # bools and floats refused too
+                raise ContextError("context token_ids must be a flat list of integers")
             vocab = self.info.get_hf_config().vocab_size
-            if ids and not 0 <= min(ids) <= max(ids) < vocab:
+            if arr.size and not (0 <= arr.min() and arr.max() < vocab):
                 raise ContextError(f"context token_ids must lie in [0, {vocab})")
-            return ids
+            return arr.tolist()
         text = item["text"] if isinstance(item, dict) else item
         return self.info.get_tokenizer().encode(text, add_special_tokens=False)
 
