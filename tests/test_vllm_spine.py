@@ -43,6 +43,7 @@ def test_tiny_batch_mix(tiny_llm, tiny):
         (_ids(45, 6), 40, {"reserve": 4}),                # context given but it fits: stays raw
         (_ids(150, 7), 150, {}),                          # plain prompt over the window: compressed
         (_ids(100, 8), 100, {"k": 4, "raw_tail": 12}),    # plain prompt, k and raw tail per request
+        (_ids(1, 10), 1, {"k": 4}),                       # one token and a k: nothing to compress
     ]
     assert compare_with_reference(tiny_llm, model, cases) < TOL
 

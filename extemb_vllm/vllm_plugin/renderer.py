@@ -45,7 +45,7 @@ class ExtEmbRenderer(HfRenderer):
         ids = prompt["prompt_token_ids"]
         opts = request_options(None, prompt.get("mm_processor_kwargs") or {}, self.ext)
         fits = len(ids) <= self.ext.window - opts.get("reserve", self.ext.reserve)
-        if fits and opts.get("k") is None:  # a given k compresses even what fits, as in the reference
+        if len(ids) < 2 or (fits and opts.get("k") is None):  # a given k compresses even what fits
             return prompt
         # everything but the last token is "context"; the processor plans over both exactly
         # as the reference model plans over the whole prompt
