@@ -30,8 +30,12 @@ def plain_llama_dir(model_dir: Path) -> Path:
     cfg["architectures"] = ["LlamaForCausalLM"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in model_dir.iterdir():
-        if f.name not in ("config.json", "embedder.safetensors", "build-info.json") and not (out / f.name).exists():
-            (out / f.name).symlink_to(f.resolve())
+        if f.name in ("config.json", "embedder.safetensors", "build-info.json"):
+            continue
+        link = out / f.name
+        if link.is_symlink():  # re-point: the checkpoint may have been rebuilt or moved
+            link.unlink()
+        link.symlink_to(f.resolve())
     return out
 
 
