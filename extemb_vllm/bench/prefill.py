@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import time
 from pathlib import Path

@@ -10,14 +10,12 @@ embedder (--init-embedder).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..model.checkpoint import load_embedder_weights, load_model, save_embedder_weights
@@ -154,11 +152,15 @@ def _log(f, rec):
     f.flush()
 
 
-def _context_targets(n_tokens: int, chunk_len: int, device) -> torch.Tensor:
+def _is_context_target(t: torch.Tensor, chunk_len: int) -> torch.Tensor:
     """Targets that depend on earlier chunks: chunks 1.., without each chunk's first token
     (which the no-context reference cannot predict), so every reference scores the same tokens."""
-    t = torch.arange(chunk_len, n_tokens, device=device)
-    return t[t % chunk_len != 0]
+    return (t >= chunk_len) & (t % chunk_len != 0)
+
+
+def _context_targets(n_tokens: int, chunk_len: int, device) -> torch.Tensor:
+    t = torch.arange(n_tokens, device=device)
+    return t[_is_context_target(t, chunk_len)]
 
 
 @torch.no_grad()
@@ -173,9 +175,7 @@ def evaluate(model, samples, cfg: TrainConfig, cuda: bool) -> dict:
             ids = ids.to(model.device)
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cuda):
                 _, lp, lay = two_stream_forward(model, ids, k, cfg.chunk_len, return_logprobs=True)
-            want = set(_context_targets(ids.numel(), cfg.chunk_len, ids.device).tolist())
-            mask = torch.tensor([t in want for t in lay.target_at.tolist()], device=lp.device)
-            vals.append(-lp[mask].mean().item())
+            vals.append(-lp[_is_context_target(lay.target_at, cfg.chunk_len)].mean().item())
         res[str(k)] = float(np.mean(vals))
     model.embedder.train(was)
     return res

@@ -22,7 +22,7 @@ import torch
 from transformers import BatchFeature
 from vllm.inputs import mm_input
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
-from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser, ProcessorBatchItems
+from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
 from ..model import ContextError, ExtEmbConfig, plan_compression
