@@ -126,16 +126,27 @@ def cmd_train(args):
                       init_embedder=args.init_embedder, sample_len=args.sample_len, chunk_len=args.chunk_len,
                       k_ladder=args.k_ladder, steps=args.steps, accum=args.accum, lr=args.lr, warmup=args.warmup,
                       eval_every=args.eval_every, eval_samples=args.eval_samples, eval_ks=args.eval_ks,
-                      save_every=args.save_every, device=args.device, seed=args.seed, cache_dir=args.cache_dir)
+                      save_every=args.save_every, device=args.device, seed=args.seed, cache_dir=args.cache_dir,
+                      bf16=args.bf16)
     print(train(cfg, resume=args.resume))
 
 
-def cmd_bench_prefill(args):
-    from .bench import prefill
+def cmd_bench_serve(args):
+    from .bench import serve
 
-    result = prefill.run(args.model, tokens=args.tokens, k=args.k, requests=args.requests, repeats=args.repeats,
-                         json_path=args.json)
-    print(prefill.format_table(result))
+    result = serve.run(args.model, contexts=args.contexts, requests=args.requests, gen=args.gen,
+                       k=None if args.k == "auto" else int(args.k), raw_tail=args.raw_tail, engines=args.engines,
+                       json_path=args.json, plot_path=args.plot)
+    print(serve.format_table(result))
+
+
+def cmd_bench_embedder(args):
+    from .bench import embedder
+
+    result = embedder.run(args.model, chunk_sizes=args.chunks, batches=args.batches, dtypes=args.dtypes,
+                          max_tokens_per_call=args.max_tokens_per_call, repeats=args.repeats, device=args.device,
+                          json_path=args.json, plot_path=args.plot)
+    print(embedder.format_table(result))
 
 
 def _model_args(p):
@@ -214,19 +225,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="data/cache")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA only; on CPU it pays only with AVX-512-BF16/AMX)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(fn=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks against plain vLLM, in one run").add_subparsers(
         dest="what", required=True)
-    p = bench.add_parser("prefill", help="pre-fill time and KV blocks: plug-in vs plain vLLM full attention")
+    p = bench.add_parser("serve", help="long-context workload: plug-in vs plain vLLM full and truncated")
     p.add_argument("--model", default="extemb-llama2")
-    p.add_argument("--tokens", type=int, default=8000, help="prompt tokens (plain vLLM needs tokens + 1 <= the base's positions)")
-    p.add_argument("--k", type=int, default=16)
-    p.add_argument("--requests", type=int, default=1, help="requests per batch")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--contexts", type=_ints, default=[2000, 4000, 8000, 16000, 32000, 64000],
+                   help="document tokens C (full attention needs C + question + gen <= the base positions)")
+    p.add_argument("--requests", type=int, default=4, help="requests per context length (one batch)")
+    p.add_argument("--gen", type=int, default=16, help="generated tokens per request")
+    p.add_argument("--k", default="16", help="k for the plug-in where it fits (else the smallest that fits), or auto")
+    p.add_argument("--raw-tail", type=int, help="the plug-in's raw tail (default: the checkpoint's)")
+    p.add_argument("--engines", nargs="+", default=["plug-in", "full", "truncated"],
+                   choices=["plug-in", "full", "truncated"])
     p.add_argument("--json")
-    p.set_defaults(fn=cmd_bench_prefill)
+    p.add_argument("--plot")
+    p.set_defaults(fn=cmd_bench_serve)
+
+    p = bench.add_parser("embedder", help="embedder tokens/s against its FLOP-share limit")
+    p.add_argument("--model", default="extemb-llama2")
+    p.add_argument("--chunks", type=_ints, default=[512, 1024, 2048, 4096])
+    p.add_argument("--batches", type=_ints, default=[1, 4])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--max-tokens-per-call", type=int, default=8192, help="skip batch x chunk above this")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(fn=cmd_bench_embedder)
 
     p = sub.add_parser("demo", help="continue a long document through the reference model")
     _model_args(p)

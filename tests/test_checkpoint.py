@@ -6,7 +6,13 @@ import torch
 from safetensors.torch import load_file
 
 from extemb_vllm.model import ExtEmbConfig
-from extemb_vllm.model.checkpoint import ARCHITECTURE, build_checkpoint, load_model, save_embedder_weights
+from extemb_vllm.model.checkpoint import (
+    ARCHITECTURE,
+    build_checkpoint,
+    load_embedder,
+    load_model,
+    save_embedder_weights,
+)
 
 from .conftest import TINY_EXT
 
@@ -58,3 +64,14 @@ def test_second_build_reuses_the_directory(tiny_source, tmp_path, capsys):
     # a different recipe rebuilds
     build_checkpoint(tmp_path / "ck", source=tiny_source, ext=TINY_EXT.replace(raw_tail=8))
     assert json.loads((out / "config.json").read_text())["extemb"]["raw_tail"] == 8
+
+
+def test_embedder_alone_loads_without_the_llm_and_encodes_the_same(tiny_checkpoint, tiny):
+    model, _ = tiny
+    embedder, table, ext = load_embedder(tiny_checkpoint)
+    assert ext == model.ext and len(embedder.body.layers) == ext.embedder_layers
+    ids = torch.randint(3, 320, (40,))
+    with torch.no_grad():
+        want = model.compact_embeddings(ids, k=4)
+        got = embedder.compress(ids, 4, ext.chunk_size, table)
+    assert torch.equal(got, want)

@@ -48,6 +48,17 @@ def test_tiny_batch_mix(tiny_llm, tiny):
     assert compare_with_reference(tiny_llm, model, cases) < TOL
 
 
+def test_tiny_embedder_groups_give_the_same_outputs(tiny_llm, tiny, monkeypatch):
+    """Chunks of a step go through the embedder in bounded groups (memory flat in C); the
+    grouping must not change a single output. 32 tokens per group: 2 chunks of 16."""
+    from extemb_vllm.vllm_plugin import model as plugin_model
+
+    model, _ = tiny
+    monkeypatch.setattr(plugin_model, "EMBEDDER_BATCH_TOKENS", 32)
+    cases = [(_ids(300, 21), 10, {"k": 8, "reserve": 4}), (_ids(150, 22), 150, {"k": 4, "reserve": 4})]
+    assert compare_with_reference(tiny_llm, model, cases) < TOL
+
+
 def test_tiny_precomputed_compact_embeddings(tiny_llm, tiny):
     """Compact embeddings made outside the engine (as the Ray workers do) give the same output."""
     from vllm import SamplingParams

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -192,6 +193,23 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_NAME, dtype: torch.dtype =
     load_embedder_weights(embedder, model_dir / EMBEDDER_FILE)
     tok = AutoTokenizer.from_pretrained(model_dir)
     return ExtEmbLlamaForCausalLM(llm, embedder.eval(), ext), tok
+
+
+def load_embedder(model_dir: str | os.PathLike = DEFAULT_NAME, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu"):
+    """(ExtensibleEmbedder, token table, ExtEmbConfig) without the LLM's decoder layers: what an
+    embedder worker needs (for SmolLM2: ~8 of 30 layers plus the table)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    ext = read_extemb_config(model_dir)
+    config = LlamaConfig.from_pretrained(model_dir)
+    embedder = ExtensibleEmbedder(config, ext.embedder_layers).to(device=device, dtype=dtype)
+    load_embedder_weights(embedder, model_dir / EMBEDDER_FILE)
+    table = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        table.weight.data.copy_(f.get_tensor("model.embed_tokens.weight"))
+    return embedder.eval(), table.requires_grad_(False), ext
 
 
 def _file_identity(path: Path) -> str:

@@ -19,7 +19,9 @@ class ContextError(ValueError):
 @dataclass(frozen=True)
 class ExtEmbConfig:
     embedder_layers: int = 8  # the paper's L: first L decoder layers of the base
-    chunk_size: int = 4096  # tokens per independently encoded chunk at inference
+    # tokens per independently encoded chunk at inference: the chunk length the shipped
+    # embedder is trained on (its outputs depend on positions inside the chunk)
+    chunk_size: int = 512
     k_ladder: tuple[int, ...] = (2, 4, 8, 16, 32)  # adaptive k picks the smallest that fits
     window: int = 4096  # positions the LLM sees: compact slots + raw tail (+ generated tokens)
     raw_tail: int = 1024  # most recent tokens kept as normal token embeddings

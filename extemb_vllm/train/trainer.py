@@ -1,7 +1,7 @@
 """`extemb train`: train the embedder with the two-stream objective; the LLM stays frozen.
 
 One command on CPU and CUDA (bf16 autocast + gradient checkpointing on CUDA, fp32
-on CPU), gradient accumulation, checkpoints with --resume, a JSON-lines log, a
+on CPU unless --bf16: worth it only on CPUs with bf16 instructions, AVX-512-BF16/AMX), gradient accumulation, checkpoints with --resume, a JSON-lines log, a
 loss-curve PNG and held-out evaluation every N steps. The instruction-tuning
 stage is the same command on another data path, started from the first stage's
 embedder (--init-embedder).
@@ -45,6 +45,7 @@ class TrainConfig:
     save_every: int = 25
     device: str | None = None
     grad_ckpt: bool | None = None  # default: on CUDA
+    bf16: bool | None = None  # bf16 autocast and a bf16 frozen LLM; default: on CUDA
     seed: int = 0
     cache_dir: str = "data/cache"
 
@@ -54,11 +55,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
+    bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
     if cfg.sample_len % cfg.chunk_len or cfg.sample_len // cfg.chunk_len < 2:
         raise ValueError(f"--sample-len {cfg.sample_len} must be >= 2 chunks of --chunk-len {cfg.chunk_len}")
 
-    # The frozen LLM in bf16 on CUDA (the autocast compute dtype); the trained embedder in fp32.
-    model, tok = load_model(cfg.model, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+    # The frozen LLM in bf16 under autocast (its compute dtype); the trained embedder in fp32.
+    model, tok = load_model(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
     model.embedder.float()
     if cfg.init_embedder:
         load_embedder_weights(model.embedder, cfg.init_embedder)
@@ -95,9 +97,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     log = open(out / "log.jsonl", "a")
     if step == 0 and eval_set:
-        refs = reference_losses(model, eval_set, cfg.chunk_len, cuda)
+        refs = reference_losses(model, eval_set, cfg.chunk_len, bf16)
         _log(log, {"step": 0, "samples": 0, "kind": "reference", **refs})
-        _log(log, {"step": 0, "samples": 0, "kind": "eval", "loss_by_k": evaluate(model, eval_set, cfg, cuda)})
+        _log(log, {"step": 0, "samples": 0, "kind": "eval", "loss_by_k": evaluate(model, eval_set, cfg, bf16)})
 
     bar = tqdm(total=cfg.steps, initial=step, desc="training embedder", unit="step")
     while step < cfg.steps:
@@ -106,7 +108,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         for _ in range(cfg.accum):
             ids = sampler.sample().to(device)
             k = int(k_rng.choice(cfg.k_ladder))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = two_stream_forward(model, ids, k, cfg.chunk_len)
             (loss / cfg.accum).backward()
             losses.append(loss.item())
@@ -124,7 +126,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         bar.update()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
-            ev = evaluate(model, eval_set, cfg, cuda)
+            ev = evaluate(model, eval_set, cfg, bf16)
             _log(log, {"step": step, "samples": step * cfg.accum, "kind": "eval", "loss_by_k": ev})
             bar.write(f"step {step}: held-out loss " + ", ".join(f"k={k} {v:.4f}" for k, v in ev.items()))
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -164,7 +166,7 @@ def _context_targets(n_tokens: int, chunk_len: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, samples, cfg: TrainConfig, cuda: bool) -> dict:
+def evaluate(model, samples, cfg: TrainConfig, bf16: bool) -> dict:
     """Held-out loss (chunks 1.., see _context_targets) of the two-stream pass at each eval k."""
     was = model.embedder.training
     model.embedder.eval()
@@ -173,7 +175,7 @@ def evaluate(model, samples, cfg: TrainConfig, cuda: bool) -> dict:
         vals = []
         for ids in samples:
             ids = ids.to(model.device)
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 _, lp, lay = two_stream_forward(model, ids, k, cfg.chunk_len, return_logprobs=True)
             vals.append(-lp[_is_context_target(lay.target_at, cfg.chunk_len)].mean().item())
         res[str(k)] = float(np.mean(vals))
@@ -182,13 +184,13 @@ def evaluate(model, samples, cfg: TrainConfig, cuda: bool) -> dict:
 
 
 @torch.no_grad()
-def reference_losses(model, samples, chunk_len: int, cuda: bool) -> dict:
+def reference_losses(model, samples, chunk_len: int, bf16: bool) -> dict:
     """The same held-out targets with full raw context and with no context (each chunk alone)."""
     full, none = [], []
     for ids in samples:
         ids = ids.to(model.device)
         t = _context_targets(ids.numel(), chunk_len, ids.device)
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
             lp_full = model.llm(input_ids=ids[None]).logits[0].float().log_softmax(-1)
             lp_none = model.llm(input_ids=ids.view(-1, chunk_len)).logits.float().log_softmax(-1).flatten(0, 1)
         full.append(-lp_full[t - 1].gather(-1, ids[t, None]).mean().item())

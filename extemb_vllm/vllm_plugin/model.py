@@ -31,6 +31,8 @@ from .processor import (
     ExtEmbProcessingInfo,
 )
 
+EMBEDDER_BATCH_TOKENS = 8192
+
 
 @MULTIMODAL_REGISTRY.register_processor(
     ExtEmbMultiModalProcessor, info=ExtEmbProcessingInfo, dummy_inputs=ExtEmbDummyInputsBuilder
@@ -64,8 +66,17 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
             return []
         chunks = list(ids) if isinstance(ids, torch.Tensor) else ids  # stacked when lengths agree
         ks = ks.tolist() if isinstance(ks, torch.Tensor) else [int(k) for k in ks]
-        hidden = self.embedder.encode_chunks(chunks, self.language_model.model.embed_tokens)
-        return [h[keep_positions(h.shape[0], k, h.device)] for h, k in zip(hidden, ks)]
+        if not chunks:
+            return []
+        out = []
+        # Groups of at most EMBEDDER_BATCH_TOKENS: a step may schedule every chunk of a 64K
+        # document; bounded groups keep the embedder's activation memory flat in C, and past a
+        # few thousand tokens a bigger batch is no faster (see `extemb bench embedder`).
+        per_group = max(1, EMBEDDER_BATCH_TOKENS // max(int(c.numel()) for c in chunks))
+        for g in range(0, len(chunks), per_group):
+            hidden = self.embedder.encode_chunks(chunks[g : g + per_group], self.language_model.model.embed_tokens)
+            out += [h[keep_positions(h.shape[0], k, h.device)] for h, k in zip(hidden, ks[g : g + per_group])]
+        return out
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         if intermediate_tensors is not None:

@@ -1,0 +1,114 @@
+"""What every benchmark shares: the plain-Llama view of a checkpoint, engines started
+and stopped one at a time in this process, a description of the machine, and a peak
+memory sampler."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import threading
+from pathlib import Path
+
+# The engine runs in this process (no engine-core subprocess): its memory is ours to sample,
+# and engines can be started one after the other.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+def plain_llama_dir(model_dir: Path) -> Path:
+    """A plain Llama view of a checkpoint: same base weights (linked), no embedder."""
+    model_dir = Path(model_dir)
+    out = model_dir.parent / f"{model_dir.name}.plain-llama"
+    out.mkdir(exist_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    for key in ("extemb", "max_seq_len", "advertised_max_model_len"):
+        cfg.pop(key, None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in model_dir.iterdir():
+        if f.name in ("config.json", "embedder.safetensors", "build-info.json"):
+            continue
+        link = out / f.name
+        if link.is_symlink():  # re-point: the checkpoint may have been rebuilt or moved
+            link.unlink()
+        link.symlink_to(f.resolve())
+    return out
+
+
+def make_engine(model, max_model_len=None, dtype="float32", **kw):
+    """A vLLM engine with the settings every benchmark shares (eager, seeded, stats on for TTFT)."""
+    from vllm import LLM
+
+    return LLM(model=str(model), max_model_len=max_model_len, enforce_eager=True, dtype=dtype, seed=0,
+               disable_log_stats=False, **kw)
+
+
+def shutdown():
+    """Free the engine's distributed state. The caller must have dropped its last reference to
+    the engine first (`del llm`): an engine collected later would tear down its successor's."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
+
+
+class PeakMemory:
+    """Peak memory while the block runs: device memory on CUDA, resident set size on CPU.
+
+        with PeakMemory() as m: ...
+        m.peak_bytes
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+
+    def _rss(self) -> int:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def _watch(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak_bytes = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+        return False

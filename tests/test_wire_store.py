@@ -1,0 +1,126 @@
+"""Wire messages (msgspec) and the document store: round trips, refusals, fuzzing, disk tier."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extemb_vllm.serving import wire
+from extemb_vllm.serving.store import DocumentStore, UnknownDocument
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_round_trip_is_exact(dtype):
+    t = torch.randn(7, 5).to(dtype)
+    back = wire.decode(wire.encode(wire.Tensor.from_torch(t)), wire.Tensor).to_torch()
+    assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_encode_result_round_trip():
+    res = wire.EncodeResult(keys=["a", "b"], outputs=[wire.Tensor.from_torch(torch.ones(3, 4)),
+                                                      wire.Tensor.from_torch(torch.zeros(1, 4))])
+    assert wire.decode(wire.encode(res), wire.EncodeResult) == res
+
+
+def _tensor_fields(**kw):
+    t = wire.Tensor.from_torch(torch.ones(2, 3))
+    fields = {"shape": list(t.shape), "dtype": t.dtype, "data": t.data, "digest": t.digest}
+    fields.update(kw)
+    return msgspec.msgpack.encode(fields)
+
+
+@pytest.mark.parametrize("payload, message", [
+    (_tensor_fields(dtype="int64"), "dtype 'int64'"),
+    (_tensor_fields(shape=[3, 3]), "needs 36 bytes, got 24"),
+    (_tensor_fields(shape=[-2, -3]), "negative size"),
+    (_tensor_fields(data=b"\0" * 24), "do not match their digest"),
+    (_tensor_fields(shape="2x3"), "malformed Tensor"),
+    (b"\xc1\xff garbage", "malformed Tensor"),
+    (msgspec.msgpack.encode({"shape": [2]}), "malformed Tensor"),
+])
+def test_malformed_tensors_are_refused_with_the_reason(payload, message):
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode(payload, wire.Tensor)
+
+
+@pytest.mark.parametrize("chunks, message", [
+    ([], "at least one chunk"), ([[1, 2], []], "empty chunk"), ([[1, -5]], ">= 0"),
+    ([["a"]], "malformed EncodeRequest"),
+])
+def test_malformed_encode_requests(chunks, message):
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode(msgspec.msgpack.encode({"chunks": chunks}), wire.EncodeRequest)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes_never_escape_as_anything_but_wire_errors(payload):
+    for kind in (wire.Tensor, wire.EncodeRequest, wire.EncodeResult, wire.ErrorReply):
+        try:
+            wire.decode(payload, kind)
+        except wire.WireError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=8)
+                    | st.binary(max_size=16),
+                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.sampled_from(
+                        ["shape", "dtype", "data", "digest", "chunks", "keys", "outputs", "kind", "message"]),
+                        kids, max_size=5), max_leaves=20))
+def test_fuzz_structured_payloads(obj):
+    payload = msgspec.msgpack.encode(obj)
+    for kind in (wire.Tensor, wire.EncodeRequest, wire.EncodeResult, wire.ErrorReply):
+        try:
+            wire.decode(payload, kind)
+        except wire.WireError:
+            pass
+
+
+def test_store_evicts_least_recently_used_within_its_byte_bound():
+    one = torch.zeros(256)  # 1 KiB
+    store = DocumentStore(max_bytes=3 * 1024)
+    for key in "abc":
+        store.put(key, one)
+    store.get("a")  # a is now the most recent
+    store.put("d", one)
+    assert store.get("b") is None and store.get("a") is not None and store.get("d") is not None
+    assert store.stats.evictions == 1
+
+
+def test_disk_tier_survives_a_restart_and_refuses_corrupt_entries(tmp_path):
+    t = torch.randn(5, 8)
+    store = DocumentStore(disk_dir=tmp_path)
+    store.put("k1", t)
+    store.put("k2", t * 2)
+    doc_id = store.register(["k1", "k2"], list(range(10)))
+    # a torn write (killed mid-way) leaves only a temporary file: no entry appears
+    (tmp_path / "chunks" / ".k3.msgpack.dead.tmp").write_bytes(b"\x85\xa5shape")
+    # a corrupted entry (one flipped byte in the tensor data) is detected by its digest
+    p = tmp_path / "chunks" / "k2.msgpack"
+    raw = bytearray(p.read_bytes())
+    raw[-40] ^= 0xFF
+    p.write_bytes(bytes(raw))
+
+    restarted = DocumentStore(disk_dir=tmp_path)
+    assert torch.equal(restarted.get("k1"), t)
+    assert restarted.get("k2") is None and restarted.stats.corrupt_entries == 1 and not p.exists()
+    assert restarted.get("k3") is None
+    assert restarted.document(doc_id).chunk_keys == ["k1", "k2"]
+
+
+def test_document_ids_are_unguessable_and_scoped_to_their_key(tmp_path):
+    store = DocumentStore(disk_dir=tmp_path)
+    ids = {store.register(["k"], [1, 2, 3], api_key="alice") for _ in range(50)}
+    assert len(ids) == 50 and all(len(i) >= 4 + 22 for i in ids)
+    doc_id = next(iter(ids))
+    assert store.document(doc_id, api_key="alice").n_tokens == 3
+    for key in ("bob", None):
+        with pytest.raises(UnknownDocument):
+            store.document(doc_id, api_key=key)
+    for bad in ("doc-nope", "../../etc/passwd", ""):
+        with pytest.raises(UnknownDocument, match="unknown document id"):
+            store.document(bad, api_key="alice")
