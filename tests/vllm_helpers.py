@@ -36,8 +36,23 @@ def vllm_request(ids, n_prompt, **opts):
             "multi_modal_data": {"context": {"token_ids": list(ids[:-n_prompt]), **opts}}}
 
 
-def compare_with_reference(llm, model, cases, max_tokens=4):
+def precomputed_request(model, ids, opts):
+    """The same input with its compact embeddings made outside the engine (as the Ray workers
+    do): {"embeds": (slots, hidden)} as the context, the raw tail as the prompt."""
+    ids = torch.tensor(ids)
+    plan = model.plan(len(ids), k=opts.get("k"), raw_tail=opts.get("raw_tail"),
+                      reserve=opts.get("reserve", model.ext.reserve))
+    if plan.k is None:
+        return {"prompt_token_ids": ids.tolist()}
+    with torch.no_grad():
+        compact = model.compact_embeddings(ids[: plan.n_compressed], plan.k)
+    return {"prompt_token_ids": ids[plan.n_compressed :].tolist(),
+            "multi_modal_data": {"context": {"embeds": compact, "reserve": opts.get("reserve", model.ext.reserve)}}}
+
+
+def compare_with_reference(llm, model, cases, max_tokens=4, precomputed=False):
     """cases: (ids, n_prompt, opts). Returns the largest |logprob difference| over all checks.
+    precomputed: send each input as compact embeddings made by the reference model's embedder.
 
     Checks, per case: greedy tokens equal; log-probs of the generated tokens and of
     the raw prompt tokens (placeholders excluded) equal within tolerance.
@@ -45,7 +60,8 @@ def compare_with_reference(llm, model, cases, max_tokens=4):
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, prompt_logprobs=0)
-    outs = llm.generate([vllm_request(ids, n, **o) for ids, n, o in cases], sp, use_tqdm=False)
+    reqs = [precomputed_request(model, ids, o) if precomputed else vllm_request(ids, n, **o) for ids, n, o in cases]
+    outs = llm.generate(reqs, sp, use_tqdm=False)
     worst = 0.0
     for (ids, n_prompt, opts), out in zip(cases, outs):
         ids = torch.tensor(ids)

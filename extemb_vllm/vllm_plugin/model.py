@@ -49,10 +49,15 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         config = vllm_config.model_config.hf_config
         self.ext = ExtEmbConfig.from_dict(config.extemb)
         self.configure_mm_token_handling(vocab_size=config.vocab_size, mm_token_ids=[PLACEHOLDER_TOKEN_ID])
-        with self._mark_tower_model(vllm_config, MODALITY):
-            hf_cfg = copy.deepcopy(config)
-            hf_cfg._attn_implementation = "sdpa"
-            self.embedder = ExtensibleEmbedder(hf_cfg, self.ext.embedder_layers)
+        # Precomputed-only engines (LLM replicas fed by separate embedder workers) hold no
+        # embedder at all: set with hf_overrides={"extemb_precomputed_only": True}.
+        self.precomputed_only = bool(getattr(config, "extemb_precomputed_only", False))
+        self.embedder = None
+        if not self.precomputed_only:
+            with self._mark_tower_model(vllm_config, MODALITY):
+                hf_cfg = copy.deepcopy(config)
+                hf_cfg._attn_implementation = "sdpa"
+                self.embedder = ExtensibleEmbedder(hf_cfg, self.ext.embedder_layers)
         with self._mark_language_model(vllm_config):
             self.language_model = LlamaForCausalLM(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model"))
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
@@ -64,6 +69,8 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         ids, ks = kwargs.get("context_ids"), kwargs.get("context_k")
         if ids is None:
             return []
+        if self.embedder is None:  # the processor refuses such requests first; this is the backstop
+            raise ValueError("this engine serves precomputed compact embeddings only")
         chunks = list(ids) if isinstance(ids, torch.Tensor) else ids  # stacked when lengths agree
         ks = ks.tolist() if isinstance(ks, torch.Tensor) else [int(k) for k in ks]
         if not chunks:
@@ -87,7 +94,7 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        embedder_params = dict(self.embedder.body.named_parameters())
+        embedder_params = dict(self.embedder.body.named_parameters()) if self.embedder is not None else None
         loaded: set[str] = set()
 
         def llm_weights():
@@ -96,6 +103,8 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
                 if not name.startswith(EMBEDDER_PREFIX):
                     yield name, tensor
                     continue
+                if embedder_params is None:
+                    continue  # precomputed-only: the embedder's weights are not even kept
                 key = name[len(EMBEDDER_PREFIX):]
                 if key not in embedder_params:
                     raise ValueError(f"unexpected embedder weight {name!r} in the checkpoint")
@@ -103,6 +112,8 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
                 loaded.add(f"embedder.body.{key}")
 
         loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(llm_weights())}
+        if embedder_params is None:
+            return loaded
         missing = {f"embedder.body.{k}" for k in embedder_params} - loaded
         if missing:
             raise ValueError(f"the checkpoint lacks embedder weights: {sorted(missing)[:4]}")

@@ -71,6 +71,10 @@ class ExtEmbProcessingInfo(BaseProcessingInfo):
     def ext(self) -> ExtEmbConfig:
         return ExtEmbConfig.from_dict(self.get_hf_config().extemb)
 
+    @property
+    def precomputed_only(self) -> bool:
+        return bool(getattr(self.get_hf_config(), "extemb_precomputed_only", False))
+
     def get_data_parser(self):
         return ContextDataParser(expected_hidden_size=self._get_expected_hidden_size())
 
@@ -94,6 +98,9 @@ class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
             return {}
         # the largest item: one full chunk at the smallest k served (for memory profiling)
         ext = self.info.ext
+        if self.info.precomputed_only:  # the largest item such an engine takes: precomputed rows
+            rows = self.info.get_mm_max_tokens_per_item(seq_len, mm_counts)[MODALITY]
+            return {MODALITY: {"embeds": torch.zeros(rows, self.info.get_hf_config().hidden_size), "reserve": 0}}
         k = ext.k_ladder[0]
         n = min(ext.chunk_size, (ext.window - 1) * k, (seq_len - 1) * k)
         return {MODALITY: {"token_ids": [PLACEHOLDER_TOKEN_ID] * (n + 1), "k": k, "raw_tail": 1, "reserve": 0}}
@@ -204,6 +211,10 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         opts = request_options(item, inputs.hf_processor_mm_kwargs, ext)
         plan = plan_compression(len(full), ext, k=opts.get("k"), raw_tail=opts.get("raw_tail"),
                                 reserve=opts.get("reserve", ext.reserve))
+        if plan.k is not None and self.info.precomputed_only:
+            raise ContextError(f"this engine takes precomputed compact embeddings only (extemb_precomputed_only) and "
+                               f"the input needs compressing ({len(full)} tokens > window {ext.window}): send the "
+                               f"context as {{'embeds': tensor}} made by the embedder workers")
         if plan.k is None:
             return mm_input(prompt_token_ids=full, mm_kwargs=MultiModalKwargsItems({}), mm_hashes={},
                             mm_placeholders={})
