@@ -115,22 +115,44 @@ class EmbedderClient:
         self.retried = 0  # calls re-sent after a replica failure (for tests and metrics)
 
     def encode(self, chunks: list[list[int]]) -> list[torch.Tensor]:
+        """From synchronous code (tests, scripts)."""
         from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
 
-        payload = wire.encode(wire.EncodeRequest([list(map(int, c)) for c in chunks]))
+        payload = _encode_request(chunks)
         for attempt in range(self.retries + 1):
             try:
-                reply = self.handle.encode.remote(payload).result()
-                break
+                return _outputs(self.handle.encode.remote(payload).result())
             except RayActorError as e:
-                if attempt == self.retries:
-                    raise EmbedderError(f"embedder replicas failed {attempt + 1} times: {e}") from e
-                self.retried += 1
-                log.warning("embedder replica failed (%s); retrying on another", type(e).__name__)
+                self._failed(attempt, e)
                 time.sleep(self.backoff_s * (attempt + 1))
-        try:
-            result = wire.decode(reply, wire.EncodeResult)
-        except wire.WireError:
-            err = wire.decode(reply, wire.ErrorReply)
-            raise EmbedderError(f"{err.kind}: {err.message}") from None
-        return [t.to_torch() for t in result.outputs]
+
+    async def aencode(self, chunks: list[list[int]]) -> list[torch.Tensor]:
+        """From a deployment's event loop (the router)."""
+        from ray.exceptions import RayActorError
+
+        payload = _encode_request(chunks)
+        for attempt in range(self.retries + 1):
+            try:
+                return _outputs(await self.handle.encode.remote(payload))
+            except RayActorError as e:
+                self._failed(attempt, e)
+                await asyncio.sleep(self.backoff_s * (attempt + 1))
+
+    def _failed(self, attempt: int, e: Exception):
+        if attempt == self.retries:
+            raise EmbedderError(f"embedder replicas failed {attempt + 1} times: {e}") from e
+        self.retried += 1
+        log.warning("embedder replica failed (%s); retrying on another", type(e).__name__)
+
+
+def _encode_request(chunks) -> bytes:
+    return wire.encode(wire.EncodeRequest([list(map(int, c)) for c in chunks]))
+
+
+def _outputs(reply: bytes) -> list[torch.Tensor]:
+    try:
+        result = wire.decode(reply, wire.EncodeResult)
+    except wire.WireError:
+        err = wire.decode(reply, wire.ErrorReply)
+        raise EmbedderError(f"{err.kind}: {err.message}") from None
+    return [t.to_torch() for t in result.outputs]

@@ -88,6 +88,38 @@ class EncodeResult(msgspec.Struct, frozen=True):
             raise WireError("every chunk output must be 2-D (tokens, hidden)")
 
 
+class GenerateRequest(msgspec.Struct, frozen=True):
+    """One generation on an LLM replica: the raw part as tokens, the compressed part as compact
+    embeddings made by the embedder workers (None when the input fits the window raw)."""
+
+    prompt_token_ids: list[int]
+    context: Tensor | None = None
+    reserve: int | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if not self.prompt_token_ids:
+            raise WireError("a generate request needs at least one prompt token")
+        if self.context is not None and len(self.context.shape) != 2:
+            raise WireError(f"context embeddings must be 2-D (slots, hidden), got shape {self.context.shape}")
+        if self.max_tokens < 1:
+            raise WireError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise WireError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+class GenerateResult(msgspec.Struct, frozen=True):
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_positions: int  # positions the LLM read: compact slots + raw tokens
+    logprobs: list[float] | None = None
+
+
 class ErrorReply(msgspec.Struct, frozen=True):
     kind: str  # "bad_request" | "not_found" | "internal"
     message: str

@@ -1,0 +1,107 @@
+"""LLM replicas and the router that feeds them, as Ray Serve deployments.
+
+`LLMWorker` runs vLLM's AsyncLLM over an ExtEmb checkpoint in precomputed-only mode:
+the process holds the frozen Llama and no embedder; compact embeddings arrive with
+each request. `ExtEmbRouter` does what the in-engine plug-in does before pre-fill,
+but across processes: plan the layout (the same `plan_compression`), get the
+full-resolution outputs of the compressed chunks from the embedder workers (which
+keep them in their document store), keep every k-th row, and send the raw tail plus
+the compact embeddings to an LLM replica. The two pools scale independently.
+
+    embedder = EmbedderWorker.options(num_replicas=4).bind(model_dir)
+    llm = LLMWorker.options(num_replicas=1).bind(model_dir)
+    app = ExtEmbRouter.bind(model_dir, embedder, llm)
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import torch
+from ray import serve
+
+from ..model.config import ExtEmbConfig, plan_compression
+from ..model.checkpoint import read_extemb_config
+from ..model.embedder import keep_positions
+from . import wire
+from .embedder_service import EmbedderClient
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+class LLMWorker:
+    def __init__(self, model_dir: str, dtype: str = "float32", **engine_kwargs):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=model_dir, dtype=dtype, enforce_eager=True, seed=0,
+                               hf_overrides={"extemb_precomputed_only": True},
+                               limit_mm_per_prompt={"context": 1}, **engine_kwargs)
+        self.engine = AsyncLLM.from_engine_args(args)
+
+    async def generate(self, payload: bytes) -> bytes:
+        from vllm import SamplingParams
+
+        try:
+            req = wire.decode(payload, wire.GenerateRequest)
+        except wire.WireError as e:
+            return wire.encode(wire.ErrorReply("bad_request", str(e)))
+        prompt = {"prompt_token_ids": req.prompt_token_ids}
+        if req.context is not None:
+            item = {"embeds": req.context.to_torch()}
+            if req.reserve is not None:
+                item["reserve"] = req.reserve
+            prompt["multi_modal_data"] = {"context": item}
+        sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                            logprobs=0 if req.logprobs else None)
+        final = None
+        try:
+            async for out in self.engine.generate(prompt, sp, request_id=uuid.uuid4().hex):
+                final = out
+        except ValueError as e:  # the processor's input checks (shape, window, NaN, ...)
+            return wire.encode(wire.ErrorReply("bad_request", str(e)))
+        o = final.outputs[0]
+        logprobs = [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)] if req.logprobs else None
+        return wire.encode(wire.GenerateResult(list(o.token_ids), o.text, o.finish_reason,
+                                               len(final.prompt_token_ids), logprobs))
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+class ExtEmbRouter:
+    def __init__(self, model_dir: str, embedder, llm):
+        from transformers import AutoTokenizer
+
+        self.ext: ExtEmbConfig = read_extemb_config(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.embedder = EmbedderClient(embedder)
+        self.llm = llm
+
+    async def generate(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
+                       k: int | None = None, raw_tail: int | None = None, reserve: int | None = None,
+                       **sampling) -> wire.GenerateResult:
+        """The same layout as the in-engine plug-in (BOS first, context, prompt; compressed
+        chunks, raw tail), with the embedder running in its own pool."""
+        prompt, ctx = list(prompt_token_ids), list(context_token_ids or [])
+        bos = self.tokenizer.bos_token_id
+        lead = []
+        if ctx and prompt and bos is not None and prompt[0] == bos:
+            lead, prompt = [bos], prompt[1:]
+        full = lead + ctx + prompt
+        reserve = self.ext.reserve if reserve is None else reserve
+        plan = plan_compression(len(full), self.ext, k=k, raw_tail=raw_tail, reserve=reserve)
+        context = None
+        if plan.k is not None:
+            hidden = await self.embedder.aencode([full[s:e] for s, e in plan.chunks])
+            compact = torch.cat([h[keep_positions(h.shape[0], plan.k)] for h in hidden])
+            context = wire.Tensor.from_torch(compact)
+        req = wire.GenerateRequest(full[plan.n_compressed :], context, reserve, **sampling)
+        reply = await self.llm.generate.remote(wire.encode(req))
+        try:
+            return wire.decode(reply, wire.GenerateResult)
+        except wire.WireError:
+            err = wire.decode(reply, wire.ErrorReply)
+            raise ValueError(f"{err.kind}: {err.message}") from None
