@@ -85,3 +85,20 @@ def test_bad_requests_get_clear_errors_and_the_app_keeps_serving(router):
     with pytest.raises(Exception, match="does not fit|exceeds"):
         router.generate.remote(list(range(3, 20)), list(range(3, 300)) * 4, k=2).result()
     assert len(_ray_generate(router, _ids(100, 46), 10, {"k": 8, "reserve": 4}).token_ids) == 4
+
+
+def test_example_serve_config_is_valid_and_builds_the_app():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from extemb_vllm.serving.llm_service import build_app
+
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load(
+        (Path(__file__).parent.parent / "examples/ray/extemb.yaml").read_text()))
+    app_cfg = cfg.applications[0]
+    assert app_cfg.import_path == "extemb_vllm.serving.llm_service:build_app"
+    assert {d.name for d in app_cfg.deployments} == {"EmbedderWorker", "LLMWorker", "ExtEmbRouter"}
+    app = build_app(app_cfg.args)
+    assert type(app).__name__ == "Application"

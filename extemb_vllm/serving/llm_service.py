@@ -24,7 +24,7 @@ from ..model.config import ExtEmbConfig, plan_compression
 from ..model.checkpoint import read_extemb_config
 from ..model.embedder import keep_positions
 from . import wire
-from .embedder_service import EmbedderClient
+from .embedder_service import EmbedderClient, EmbedderWorker
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -105,3 +105,17 @@ class ExtEmbRouter:
         except wire.WireError:
             err = wire.decode(reply, wire.ErrorReply)
             raise ValueError(f"{err.kind}: {err.message}") from None
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve config entry point (`import_path: extemb_vllm.serving.llm_service:build_app`).
+
+    args: model_dir (default extemb-llama2), embedder_dtype, llm_dtype, store_dir, and
+    engine_kwargs for vLLM (e.g. max_num_seqs). Replica counts and resources belong to the
+    config's `deployments:` section, so each pool scales on its own.
+    """
+    model_dir = str(args.get("model_dir", "extemb-llama2"))
+    embedder = EmbedderWorker.bind(model_dir, dtype=args.get("embedder_dtype", "float32"),
+                                   store_dir=args.get("store_dir"))
+    llm = LLMWorker.bind(model_dir, dtype=args.get("llm_dtype", "float32"), **args.get("engine_kwargs", {}))
+    return ExtEmbRouter.bind(model_dir, embedder, llm)
