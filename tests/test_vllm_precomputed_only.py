@@ -2,7 +2,6 @@
 process, compact embeddings made elsewhere, the reference model's outputs all the same."""
 
 import pytest
-import torch
 
 from .test_vllm_spine import TOL, _ids
 from .vllm_helpers import compare_with_reference, make_llm, shutdown

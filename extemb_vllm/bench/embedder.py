@@ -70,7 +70,6 @@ def run(model_dir="extemb-llama2", chunk_sizes=(512, 1024, 2048, 4096), batches=
                     "limit_tokens_per_s": b * c / limit, "x_limit": t_emb / limit, "embedder_gflops": flops / t_emb / 1e9,
                 })
         result.setdefault("profile", profile(model, chunk=model.ext.chunk_size, dtype=dtype))
-        del model
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     if plot_path:

@@ -57,6 +57,14 @@ class ExtEmbConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+def join_context(context: list[int], prompt: list[int], bos_token_id: int | None) -> list[int]:
+    """The one input order, wherever a request is laid out (plug-in, Ray router): a BOS the
+    prompt starts with goes first, then the context, then the rest of the prompt."""
+    if context and prompt and bos_token_id is not None and prompt[0] == bos_token_id:
+        return [bos_token_id] + context + prompt[1:]
+    return context + prompt
+
+
 def chunk_bounds(n_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
     """[start, end) of each chunk, aligned to the start of the document.
 

@@ -20,7 +20,7 @@ import uuid
 import torch
 from ray import serve
 
-from ..model.config import ExtEmbConfig, plan_compression
+from ..model.config import ExtEmbConfig, join_context, plan_compression
 from ..model.checkpoint import read_extemb_config
 from ..model.embedder import keep_positions
 from . import wire
@@ -85,12 +85,7 @@ class ExtEmbRouter:
                        **sampling) -> wire.GenerateResult:
         """The same layout as the in-engine plug-in (BOS first, context, prompt; compressed
         chunks, raw tail), with the embedder running in its own pool."""
-        prompt, ctx = list(prompt_token_ids), list(context_token_ids or [])
-        bos = self.tokenizer.bos_token_id
-        lead = []
-        if ctx and prompt and bos is not None and prompt[0] == bos:
-            lead, prompt = [bos], prompt[1:]
-        full = lead + ctx + prompt
+        full = join_context(list(context_token_ids or []), list(prompt_token_ids), self.tokenizer.bos_token_id)
         reserve = self.ext.reserve if reserve is None else reserve
         plan = plan_compression(len(full), self.ext, k=k, raw_tail=raw_tail, reserve=reserve)
         context = None

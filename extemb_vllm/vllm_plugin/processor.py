@@ -26,7 +26,7 @@ from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
 from ..model import ContextError, ExtEmbConfig, plan_compression
-from ..model.config import check_k
+from ..model.config import check_k, join_context
 
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
@@ -200,12 +200,7 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         if isinstance(item, dict) and "embeds" in item:
             return self._apply_embeds(item, list(inputs.prompt))
         ctx_ids = self._context_ids(item) if item is not None else []
-        prompt = list(inputs.prompt)
-        bos = self.info.get_tokenizer().bos_token_id
-        lead = []
-        if ctx_ids and prompt and bos is not None and prompt[0] == bos:
-            lead, prompt = [bos], prompt[1:]  # BOS goes first, before the context
-        full = lead + ctx_ids + prompt
+        full = join_context(ctx_ids, list(inputs.prompt), self.info.get_tokenizer().bos_token_id)
         if item is not None and not ctx_ids:
             raise ContextError("empty context: there are no tokens to read")
         opts = request_options(item, inputs.hf_processor_mm_kwargs, ext)
