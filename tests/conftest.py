@@ -30,7 +30,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([TINY_TEXT], vocab_size=320, min_frequency=1,
                             special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,20 @@ class ExtEmbConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+def check_request_options(opts: dict, cfg: "ExtEmbConfig") -> dict:
+    """Per-request k / raw_tail / reserve, checked the same way wherever a request comes in.
+    A served k must be one of the ladder's: the embedder was trained for those."""
+    if opts.get("k") is not None:
+        check_k(opts["k"])
+        if opts["k"] not in cfg.k_ladder:
+            raise ContextError(f"k={opts['k']} is not served by this model; choose one of {list(cfg.k_ladder)}")
+    for key in ("raw_tail", "reserve"):
+        value = opts.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ContextError(f"{key} must be a non-negative integer, got {value!r}")
+    return opts
+
+
 def join_context(context: list[int], prompt: list[int], bos_token_id: int | None) -> list[int]:
     """The one input order, wherever a request is laid out (plug-in, Ray router): a BOS the
     prompt starts with goes first, then the context, then the rest of the prompt."""

@@ -20,7 +20,7 @@ import uuid
 import torch
 from ray import serve
 
-from ..model.config import ExtEmbConfig, join_context, plan_compression
+from ..model.config import ExtEmbConfig, check_request_options, join_context, plan_compression
 from ..model.checkpoint import read_extemb_config
 from ..model.embedder import keep_positions
 from . import wire
@@ -38,13 +38,9 @@ class LLMWorker:
                                limit_mm_per_prompt={"context": 1}, **engine_kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
 
-    async def generate(self, payload: bytes) -> bytes:
+    async def _outputs(self, req: wire.GenerateRequest):
         from vllm import SamplingParams
 
-        try:
-            req = wire.decode(payload, wire.GenerateRequest)
-        except wire.WireError as e:
-            return wire.encode(wire.ErrorReply("bad_request", str(e)))
         prompt = {"prompt_token_ids": req.prompt_token_ids}
         if req.context is not None:
             item = {"embeds": req.context.to_torch()}
@@ -53,16 +49,35 @@ class LLMWorker:
             prompt["multi_modal_data"] = {"context": item}
         sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                             logprobs=0 if req.logprobs else None)
-        final = None
+        async for out in self.engine.generate(prompt, sp, request_id=uuid.uuid4().hex):
+            yield out
+
+    async def generate(self, payload: bytes) -> bytes:
         try:
-            async for out in self.engine.generate(prompt, sp, request_id=uuid.uuid4().hex):
+            req = wire.decode(payload, wire.GenerateRequest)
+            final = None
+            async for out in self._outputs(req):
                 final = out
-        except ValueError as e:  # the processor's input checks (shape, window, NaN, ...)
+        except ValueError as e:  # WireError, or the processor's input checks (shape, window, NaN, ...)
             return wire.encode(wire.ErrorReply("bad_request", str(e)))
         o = final.outputs[0]
         logprobs = [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)] if req.logprobs else None
         return wire.encode(wire.GenerateResult(list(o.token_ids), o.text, o.finish_reason,
                                                len(final.prompt_token_ids), logprobs))
+
+    async def generate_stream(self, payload: bytes):
+        """Streams wire.GenerateDelta bytes; a bad request yields one ErrorReply. A caller that
+        stops iterating cancels the generator, and vLLM aborts the request (its KV blocks free)."""
+        try:
+            req = wire.decode(payload, wire.GenerateRequest)
+            n_tokens, n_chars = 0, 0
+            async for out in self._outputs(req):
+                o = out.outputs[0]
+                yield wire.encode(wire.GenerateDelta(list(o.token_ids[n_tokens:]), o.text[n_chars:], o.finish_reason,
+                                                     len(out.prompt_token_ids)))
+                n_tokens, n_chars = len(o.token_ids), len(o.text)
+        except ValueError as e:
+            yield wire.encode(wire.ErrorReply("bad_request", str(e)))
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -80,11 +95,11 @@ class ExtEmbRouter:
         self.embedder = EmbedderClient(embedder)
         self.llm = llm
 
-    async def generate(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
-                       k: int | None = None, raw_tail: int | None = None, reserve: int | None = None,
-                       **sampling) -> wire.GenerateResult:
+    async def _payload(self, prompt_token_ids, context_token_ids=None, k=None, raw_tail=None, reserve=None,
+                       **sampling) -> bytes:
         """The same layout as the in-engine plug-in (BOS first, context, prompt; compressed
         chunks, raw tail), with the embedder running in its own pool."""
+        check_request_options({"k": k, "raw_tail": raw_tail, "reserve": reserve}, self.ext)
         full = join_context(list(context_token_ids or []), list(prompt_token_ids), self.tokenizer.bos_token_id)
         reserve = self.ext.reserve if reserve is None else reserve
         plan = plan_compression(len(full), self.ext, k=k, raw_tail=raw_tail, reserve=reserve)
@@ -93,24 +108,43 @@ class ExtEmbRouter:
             hidden = await self.embedder.aencode([full[s:e] for s, e in plan.chunks])
             compact = torch.cat([h[keep_positions(h.shape[0], plan.k)] for h in hidden])
             context = wire.Tensor.from_torch(compact)
-        req = wire.GenerateRequest(full[plan.n_compressed :], context, reserve, **sampling)
-        reply = await self.llm.generate.remote(wire.encode(req))
-        try:
-            return wire.decode(reply, wire.GenerateResult)
-        except wire.WireError:
-            err = wire.decode(reply, wire.ErrorReply)
-            raise ValueError(f"{err.kind}: {err.message}") from None
+        return wire.encode(wire.GenerateRequest(full[plan.n_compressed :], context, reserve, **sampling))
+
+    async def generate(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
+                       **options) -> wire.GenerateResult:
+        """options: k, raw_tail, reserve, and wire.GenerateRequest's sampling fields."""
+        reply = await self.llm.generate.remote(await self._payload(prompt_token_ids, context_token_ids, **options))
+        return _result(reply, wire.GenerateResult)
+
+    async def generate_stream(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
+                              **options):
+        payload = await self._payload(prompt_token_ids, context_token_ids, **options)
+        async for reply in self.llm.options(stream=True).generate_stream.remote(payload):
+            yield _result(reply, wire.GenerateDelta)
+
+
+def _result(reply: bytes, kind):
+    try:
+        return wire.decode(reply, kind)
+    except wire.WireError:
+        err = wire.decode(reply, wire.ErrorReply)
+        raise ValueError(f"{err.kind}: {err.message}") from None
 
 
 def build_app(args: dict) -> serve.Application:
-    """Serve config entry point (`import_path: extemb_vllm.serving.llm_service:build_app`).
+    """Serve config entry point (`import_path: extemb_vllm.serving.llm_service:build_app`):
+    the OpenAI-compatible ingress over the router, the embedder pool and the LLM pool.
 
-    args: model_dir (default extemb-llama2), embedder_dtype, llm_dtype, store_dir, and
+    args: model_dir (default extemb-llama2), embedder_dtype, llm_dtype, store_dir (disk tier
+    of the embedder workers' store), contexts_dir (registered documents), api_keys, and
     engine_kwargs for vLLM (e.g. max_num_seqs). Replica counts and resources belong to the
     config's `deployments:` section, so each pool scales on its own.
     """
+    from .openai_ingress import OpenAIIngress
+
     model_dir = str(args.get("model_dir", "extemb-llama2"))
     embedder = EmbedderWorker.bind(model_dir, dtype=args.get("embedder_dtype", "float32"),
                                    store_dir=args.get("store_dir"))
     llm = LLMWorker.bind(model_dir, dtype=args.get("llm_dtype", "float32"), **args.get("engine_kwargs", {}))
-    return ExtEmbRouter.bind(model_dir, embedder, llm)
+    router = ExtEmbRouter.bind(model_dir, embedder, llm)
+    return OpenAIIngress.bind(model_dir, router, store_dir=args.get("contexts_dir"), api_keys=args.get("api_keys"))

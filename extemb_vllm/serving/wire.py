@@ -120,6 +120,15 @@ class GenerateResult(msgspec.Struct, frozen=True):
     logprobs: list[float] | None = None
 
 
+class GenerateDelta(msgspec.Struct, frozen=True):
+    """One streamed step: the new tokens and text since the previous delta."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_positions: int
+
+
 class ErrorReply(msgspec.Struct, frozen=True):
     kind: str  # "bad_request" | "not_found" | "internal"
     message: str

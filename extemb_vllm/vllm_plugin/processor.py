@@ -26,7 +26,7 @@ from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
 from ..model import ContextError, ExtEmbConfig, plan_compression
-from ..model.config import check_k, join_context
+from ..model.config import check_request_options, join_context
 
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
@@ -107,21 +107,11 @@ class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
 
 
 def request_options(item, request_kwargs: Mapping[str, object], ext: ExtEmbConfig) -> dict:
-    """k / raw_tail / reserve of a request (the item's own override the request's), validated.
-
-    A served k must be one of the ladder's: the embedder was trained for those.
-    """
+    """k / raw_tail / reserve of a request (the item's own override the request's), validated."""
     opts = {k: request_kwargs[k] for k in OPTION_KEYS if request_kwargs.get(k) is not None}
     if isinstance(item, dict):
         opts.update({k: item[k] for k in OPTION_KEYS if item.get(k) is not None})
-    if "k" in opts:
-        check_k(opts["k"])
-        if opts["k"] not in ext.k_ladder:
-            raise ContextError(f"k={opts['k']} is not served by this model; choose one of {list(ext.k_ladder)}")
-    for key in ("raw_tail", "reserve"):
-        if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 0):
-            raise ContextError(f"{key} must be a non-negative integer, got {opts[key]!r}")
-    return opts
+    return check_request_options(opts, ext)
 
 
 def validate_compact_embeds(embeds, hidden_size: int) -> torch.Tensor:

@@ -1,0 +1,223 @@
+"""OpenAI-compatible HTTP ingress of the Ray app: the same client code as for `vllm serve`.
+
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both
+with `stream`), and `POST /v1/contexts`, which registers a document once and returns
+an id that later requests name in `context_id` (with any `k`): its chunks are encoded
+on first use and served from the embedder workers' store afterwards. Per-request
+`k`, `raw_tail`, `reserve` and `context_id` ride in the body (the OpenAI client's
+`extra_body`). With `api_keys` configured, a request needs `Authorization: Bearer
+<key>` and a document id is visible only to the key that registered it.
+
+Errors follow OpenAI's shape, `{"error": {"message", "type", "code"}}`: 400 for bad
+input (with the reason), 401 for a missing or wrong key, 404 for an unknown document.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from ..model.config import ContextError
+from .store import DocumentStore, UnknownDocument
+
+api = FastAPI(title="extemb-vllm (Ray)")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed")
+LAYOUT_KEYS = ("k", "raw_tail", "reserve")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+# (helpers above the class: @serve.ingress ships the class by value, with the globals it saw)
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _usage(prompt_positions: int, completion_tokens: int) -> dict:
+    # prompt_tokens counts the positions the LLM read (compact slots + raw), as `vllm serve` does
+    return {"prompt_tokens": prompt_positions, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_positions + completion_tokens}
+
+
+def _cause(e: Exception) -> str:
+    """The message of the error that started a Ray task failure, without Ray's wrapping."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, (ValueError, ContextError)):
+        return str(cause)
+    return str(cause).strip().splitlines()[-1]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, model_dir: str, router, store_dir: str | None = None, api_keys: list[str] | None = None,
+                 served_model_name: str | None = None):
+        from transformers import AutoTokenizer
+
+        self.router = router
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model_name = served_model_name or Path(model_dir).name
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.max_model_len = int(config.get("advertised_max_model_len", config["max_position_embeddings"]))
+        self.documents = DocumentStore(disk_dir=store_dir)
+        self.api_keys = set(api_keys or [])
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _key(self, request: Request) -> str | None:
+        if not self.api_keys:
+            return None
+        auth = request.headers.get("authorization", "")
+        key = auth.removeprefix("Bearer ").strip()
+        if key not in self.api_keys:
+            raise HTTPError(401, "missing or invalid API key", "AuthenticationError")
+        return key
+
+    async def _body(self, request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise HTTPError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the request body must be a JSON object")
+        return body
+
+    def _options(self, body: dict, key: str | None) -> tuple[list[int], dict]:
+        """(context token ids, router options) from a request body."""
+        opts = {k: body[k] for k in (*SAMPLING_KEYS, *LAYOUT_KEYS) if body.get(k) is not None}
+        opts.setdefault("max_tokens", 16)
+        for name in ("max_tokens", "k", "raw_tail", "reserve", "seed"):
+            if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
+                raise HTTPError(400, f"{name} must be an integer, got {opts[name]!r}")
+        context = []
+        if body.get("context_id") is not None:
+            try:
+                context = self.documents.document(str(body["context_id"]), api_key=key).token_ids
+            except UnknownDocument as e:
+                raise HTTPError(404, str(e), "NotFoundError") from None
+        return context, opts
+
+    async def _run(self, prompt_ids: list[int], context: list[int], opts: dict, stream: bool, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if not stream:
+            try:
+                out = await self.router.generate.remote(prompt_ids, context, **opts)
+            except Exception as e:  # the router's ValueError / ContextError arrive wrapped by Ray
+                raise HTTPError(400, _cause(e)) from None
+            choice = ({"index": 0, "message": {"role": "assistant", "content": out.text},
+                       "finish_reason": out.finish_reason} if chat else
+                      {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None})
+            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                 "created": created, "model": self.model_name, "choices": [choice],
+                                 "usage": _usage(out.prompt_positions, len(out.token_ids))})
+
+        gen = self.router.options(stream=True).generate_stream.remote(prompt_ids, context, **opts)
+        # pull the first delta before answering, so a bad request still gets its 400
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as e:
+            raise HTTPError(400, _cause(e)) from None
+
+        async def events():
+            delta = first
+            sent_role = False
+            while delta is not None:
+                if chat:
+                    d = {"content": delta.text} | ({} if sent_role else {"role": "assistant"})
+                    sent_role = True
+                    choice = {"index": 0, "delta": d, "finish_reason": delta.finish_reason}
+                else:
+                    choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason, "logprobs": None}
+                chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                         "created": created, "model": self.model_name, "choices": [choice]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                try:
+                    delta = await gen.__anext__()
+                except StopAsyncIteration:
+                    delta = None
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _handle(self, request: Request, chat: bool):
+        try:
+            key = self._key(request)
+            body = await self._body(request)
+            if chat:
+                messages = body.get("messages")
+                if not isinstance(messages, list) or not messages:
+                    raise HTTPError(400, "messages must be a non-empty list")
+                try:
+                    prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                    tokenize=True, return_dict=False)
+                except Exception as e:
+                    raise HTTPError(400, f"cannot apply the chat template: {e}") from None
+            else:
+                prompt = body.get("prompt")
+                if isinstance(prompt, str) and prompt.strip():
+                    prompt_ids = self.tokenizer(prompt).input_ids
+                elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                 for t in prompt):
+                    prompt_ids = prompt
+                else:
+                    raise HTTPError(400, "prompt must be a non-empty string or a list of token ids")
+            context, opts = self._options(body, key)
+            if len(context) + len(prompt_ids) > self.max_model_len:
+                raise HTTPError(400, f"{len(context) + len(prompt_ids)} tokens exceed this model's extended "
+                                     f"length of {self.max_model_len} tokens")
+            return await self._run(list(prompt_ids), context, opts, bool(body.get("stream")), chat)
+        except HTTPError as e:
+            return _error(e.status, e.message, e.kind)
+
+    # -- routes ----------------------------------------------------------------------------------
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._key(request)
+        except HTTPError as e:
+            return _error(e.status, e.message, e.kind)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "extemb-vllm",
+                                            "max_model_len": self.max_model_len}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, chat=True)
+
+    @api.post("/v1/contexts")
+    async def register_context(self, request: Request):
+        """{"text": ...} or {"token_ids": [...]} -> {"id", "object": "context", "tokens"}."""
+        try:
+            key = self._key(request)
+            body = await self._body(request)
+            if isinstance(body.get("text"), str) and body["text"].strip():
+                ids = self.tokenizer(body["text"], add_special_tokens=False).input_ids
+            elif isinstance(body.get("token_ids"), list) and body["token_ids"]:
+                ids = body["token_ids"]
+                vocab = len(self.tokenizer)
+                if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                    raise HTTPError(400, f"token_ids must be integers in [0, {vocab})")
+            else:
+                raise HTTPError(400, 'a context needs a non-empty "text" or "token_ids"')
+            if len(ids) > self.max_model_len:
+                raise HTTPError(400, f"{len(ids)} tokens exceed this model's extended length of "
+                                     f"{self.max_model_len} tokens")
+            doc_id = self.documents.register([], list(ids), api_key=key)
+            return {"id": doc_id, "object": "context", "tokens": len(ids)}
+        except HTTPError as e:
+            return _error(e.status, e.message, e.kind)
+
