@@ -157,6 +157,9 @@ def test_registered_context_with_chat_and_any_k(app_port):
     ({"prompt": list(range(3, 300)), "k": 2}, 400, "does not fit|exceeds"),
     ({"prompt": [5, 6], "context_id": "doc-nope"}, 404, "unknown document id"),
     ({"prompt": [5, 6], "max_tokens": "many"}, 400, "max_tokens must be an integer"),
+    ({"prompt": [5, 6], "temperature": "hot"}, 400, "temperature must be a number"),
+    ({"prompt": [5, 6], "max_tokens": 0}, 400, "max_tokens must be >= 1"),
+    ({"prompt": [5, 99_999]}, 400, "out of vocabulary|outside the vocabulary"),
 ])
 def test_bad_http_requests_get_clear_errors(app_port, body, status, message):
     import re

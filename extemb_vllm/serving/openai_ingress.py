@@ -97,6 +97,11 @@ class OpenAIIngress:
         for name in ("max_tokens", "k", "raw_tail", "reserve", "seed"):
             if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
                 raise HTTPError(400, f"{name} must be an integer, got {opts[name]!r}")
+        for name in ("temperature", "top_p"):
+            if name in opts:
+                if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)):
+                    raise HTTPError(400, f"{name} must be a number, got {opts[name]!r}")
+                opts[name] = float(opts[name])
         context = []
         if body.get("context_id") is not None:
             try:
