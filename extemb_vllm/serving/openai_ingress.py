@@ -221,7 +221,7 @@ class OpenAIIngress:
             if len(ids) > self.max_model_len:
                 raise HTTPError(400, f"{len(ids)} tokens exceed this model's extended length of "
                                      f"{self.max_model_len} tokens")
-            doc_id = self.documents.register([], list(ids), api_key=key)
+            doc_id = self.documents.register(list(ids), api_key=key)
             return {"id": doc_id, "object": "context", "tokens": len(ids)}
         except HTTPError as e:
             return _error(e.status, e.message, e.kind)

@@ -8,8 +8,8 @@ disk directory that survives restarts. A disk entry is a msgpack `wire.Tensor`
 an interrupted write leaves no entry, and a corrupted file is refused and removed,
 never served.
 
-Documents are lists of chunk keys under an id that cannot be guessed, owned by the
-API key that registered them (when keys are configured).
+Documents are token lists under an id that cannot be guessed, owned by the API key
+that registered them (when keys are configured).
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ class StoreStats:
 
 
 class Document(msgspec.Struct, frozen=True):
-    chunk_keys: list[str]
+    """A registered document: its tokens (re-planned per request, at any k; its chunks'
+    embedder outputs live in the chunk tier under their content keys)."""
+
     n_tokens: int
-    token_ids: list[int]  # kept so the raw tail and re-planning at any k need no client copy
+    token_ids: list[int]
     owner: str = ""  # digest of the registering API key; "" when the server has none
 
 
@@ -96,9 +98,9 @@ class DocumentStore:
                 self.stats.evictions += 1
 
     # -- documents ------------------------------------------------------------------------------
-    def register(self, chunk_keys: list[str], token_ids: list[int], api_key: str | None = None) -> str:
+    def register(self, token_ids: list[int], api_key: str | None = None) -> str:
         doc_id = "doc-" + secrets.token_urlsafe(16)  # 128 random bits: ids cannot be guessed
-        doc = Document(chunk_keys, len(token_ids), token_ids, owner=_owner(api_key))
+        doc = Document(len(token_ids), token_ids, owner=_owner(api_key))
         with self._lock:
             self._docs[doc_id] = doc
         if self.disk:
