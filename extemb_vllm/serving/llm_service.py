@@ -48,7 +48,7 @@ class LLMWorker:
                 item["reserve"] = req.reserve
             prompt["multi_modal_data"] = {"context": item}
         sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                            logprobs=0 if req.logprobs else None)
+                            ignore_eos=req.ignore_eos, logprobs=0 if req.logprobs else None)
         async for out in self.engine.generate(prompt, sp, request_id=uuid.uuid4().hex):
             yield out
 

@@ -27,7 +27,7 @@ from ..model.config import ContextError
 from .store import DocumentStore, UnknownDocument
 
 api = FastAPI(title="extemb-vllm (Ray)")
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
 LAYOUT_KEYS = ("k", "raw_tail", "reserve")
 
 
@@ -97,6 +97,8 @@ class OpenAIIngress:
         for name in ("max_tokens", "k", "raw_tail", "reserve", "seed"):
             if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
                 raise HTTPError(400, f"{name} must be an integer, got {opts[name]!r}")
+        if not isinstance(opts.get("ignore_eos", False), bool):
+            raise HTTPError(400, f"ignore_eos must be true or false, got {opts['ignore_eos']!r}")
         for name in ("temperature", "top_p"):
             if name in opts:
                 if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)):

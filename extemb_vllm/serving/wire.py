@@ -99,6 +99,7 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
     logprobs: bool = False
 
     def __post_init__(self):
