@@ -32,7 +32,6 @@ from . import wire
 from .store import DocumentStore
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -40,7 +39,7 @@ class EmbedderWorker:
     def __init__(self, model_dir: str, device: str | None = None, dtype: str = "float32",
                  max_batch_chunks: int = 16, store_bytes: int = 1 << 30, store_dir: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.embedder, self.table, self.ext = load_embedder(model_dir, dtype=DTYPES[dtype], device=self.device)
+        self.embedder, self.table, self.ext = load_embedder(model_dir, dtype=wire.DTYPES[dtype], device=self.device)
         self.vocab = self.table.num_embeddings
         self.max_batch_chunks = max_batch_chunks
         self.store = DocumentStore(store_bytes, store_dir)
