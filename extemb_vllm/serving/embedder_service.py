@@ -149,9 +149,4 @@ def _encode_request(chunks) -> bytes:
 
 
 def _outputs(reply: bytes) -> list[torch.Tensor]:
-    try:
-        result = wire.decode(reply, wire.EncodeResult)
-    except wire.WireError:
-        err = wire.decode(reply, wire.ErrorReply)
-        raise EmbedderError(f"{err.kind}: {err.message}") from None
-    return [t.to_torch() for t in result.outputs]
+    return [t.to_torch() for t in wire.decode_reply(reply, wire.EncodeResult, EmbedderError).outputs]

@@ -114,21 +114,13 @@ class ExtEmbRouter:
                        **options) -> wire.GenerateResult:
         """options: k, raw_tail, reserve, and wire.GenerateRequest's sampling fields."""
         reply = await self.llm.generate.remote(await self._payload(prompt_token_ids, context_token_ids, **options))
-        return _result(reply, wire.GenerateResult)
+        return wire.decode_reply(reply, wire.GenerateResult)
 
     async def generate_stream(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
                               **options):
         payload = await self._payload(prompt_token_ids, context_token_ids, **options)
         async for reply in self.llm.options(stream=True).generate_stream.remote(payload):
-            yield _result(reply, wire.GenerateDelta)
-
-
-def _result(reply: bytes, kind):
-    try:
-        return wire.decode(reply, kind)
-    except wire.WireError:
-        err = wire.decode(reply, wire.ErrorReply)
-        raise ValueError(f"{err.kind}: {err.message}") from None
+            yield wire.decode_reply(reply, wire.GenerateDelta)
 
 
 def build_app(args: dict) -> serve.Application:

@@ -143,6 +143,15 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _ENCODER.encode(msg)
 
 
+def decode_reply(payload: bytes, kind: type, error: type[Exception] = ValueError):
+    """A worker's reply: a `kind`, or its ErrorReply raised as `error` with the worker's message."""
+    try:
+        return decode(payload, kind)
+    except WireError:
+        err = decode(payload, ErrorReply)
+        raise error(f"{err.kind}: {err.message}") from None
+
+
 def decode(payload: bytes, kind: type):
     """bytes -> a validated `kind`; anything else raises WireError naming the problem."""
     dec = _DECODERS.setdefault(kind, msgspec.msgpack.Decoder(kind))
