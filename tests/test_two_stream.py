@@ -9,17 +9,17 @@ from extemb_vllm.train.two_stream import two_stream_forward, two_stream_layout
 
 def test_layout_small_case():
     lay = two_stream_layout(n_chunks=3, chunk_len=4, k=2)
-    # compact: chunks 0,1 -> 2 slots each (seq 0..3); raw chunk i at seq 4+4i..
-    assert lay.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7]
-    A = lay.allowed
-    assert A[4:8, :4].sum() == 0                      # chunk 0 sees no compact slots
-    assert A[8, :4].tolist() == [True, True, False, False]   # chunk 1 sees C_0 only
-    assert A[12, :4].all()                            # chunk 2 sees C_0 and C_1
-    assert not A[8, 4:8].any()                        # no raw token of another chunk
-    assert A[9, 8:10].all() and not A[9, 10]          # causal inside its own chunk
-    # the first token of chunk 1 is predicted at the last slot of C_0 (seq 1)
-    assert (1, 4) in list(zip(lay.pred_at.tolist(), lay.target_at.tolist()))
-    assert len(lay.target_at) == 3 * 4 - 1            # every token but the sample's first
+    # compact: chunks 0,1 -> 2 slots each at positions 0..3; raw chunk i at i*2 ..
+    assert lay.compact_positions.tolist() == [0, 1, 2, 3]
+    assert lay.raw_positions.tolist() == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]]
+    M = lay.raw_mask  # (chunk, query, [4 compact slots | 4 own raw tokens])
+    assert M[0, :, :4].sum() == 0                          # chunk 0 sees no compact slots
+    assert M[1, 0, :4].tolist() == [True, True, False, False]  # chunk 1 sees C_0 only
+    assert M[2, :, :4].all()                               # chunk 2 sees C_0 and C_1
+    assert M[1, 1, 4:].tolist() == [True, True, False, False]  # causal inside its own chunk
+    # logits order: first tokens of chunks 1, 2 (from the last slot of C_0, C_1), then the rest
+    assert lay.target_at[:2].tolist() == [4, 8]
+    assert sorted(lay.target_at.tolist()) == list(range(1, 12))  # every token but the sample's first
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])

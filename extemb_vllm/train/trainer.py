@@ -65,8 +65,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.init_embedder:
         load_embedder_weights(model.embedder, cfg.init_embedder)
     if cfg.grad_ckpt if cfg.grad_ckpt is not None else cuda:
+        # the embedder only: the frozen LLM runs in eval mode (where HF checkpointing is off)
+        # and the two-stream pass needs its key/value cache, which checkpointing drops
         model.embedder.body.gradient_checkpointing_enable()
-        model.llm.gradient_checkpointing_enable()
     model.embedder.train()
 
     docs = tokenize_cached(cfg.data, tok, cfg.cache_dir)
