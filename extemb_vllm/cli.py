@@ -149,6 +149,39 @@ def cmd_bench_embedder(args):
     print(embedder.format_table(result))
 
 
+def cmd_bench_ray(args):
+    from .bench import ray_app
+
+    res = ray_app.run(Path(args.model), workers=args.workers, docs=args.docs, doc_tokens=args.doc_tokens,
+                      e2e_requests=args.requests, e2e_tokens=args.tokens, gen=args.gen,
+                      concurrency=args.concurrency, dtype=args.embedder_dtype,
+                      gpus_per_worker=args.gpus_per_worker, outdir=Path(args.out))
+    _write_results(res, args.json, args.plot, ray_app.plot)
+    print(ray_app.format_table(res))
+
+
+def cmd_bench_load(args):
+    from .bench import load
+
+    res = load.run(Path(args.model), servers=args.servers, clients=args.clients, duration_s=args.duration,
+                   max_requests=args.max_requests, long_tokens=args.long_tokens, outdir=Path(args.out),
+                   faults=args.faults)
+    _write_results(res, args.json, args.plot, load.plot)
+    print(load.format_table(res))
+
+
+def _write_results(res: dict, json_path, plot_path, plot_fn):
+    import json
+
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {json_path}", file=sys.stderr)
+    if plot_path:
+        plot_fn(res, Path(plot_path))
+        print(f"wrote {plot_path}", file=sys.stderr)
+
+
 def _model_args(p):
     p.add_argument("--model", default="extemb-llama2", help="checkpoint directory (default: ./extemb-llama2)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -257,6 +290,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(fn=cmd_bench_embedder)
+
+    p = bench.add_parser("ray", help="embedder tokens/s by workers; Ray app vs vllm serve end to end")
+    p.add_argument("--model", default="extemb-llama2")
+    p.add_argument("--workers", type=_ints, default=[1, 2], help="embedder worker counts to measure")
+    p.add_argument("--docs", type=int, default=16, help="documents per worker count")
+    p.add_argument("--doc-tokens", type=int, default=4096)
+    p.add_argument("--embedder-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--requests", type=int, default=8, help="end-to-end requests per server (after warm-up)")
+    p.add_argument("--tokens", type=int, default=6000, help="document tokens per end-to-end request")
+    p.add_argument("--gen", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--out", default="runs/bench-ray", help="server logs and configs")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(fn=cmd_bench_ray)
+
+    p = bench.add_parser("load", help="concurrent OpenAI clients, bad inputs and faults: vllm serve and the Ray app")
+    p.add_argument("--model", default="extemb-llama2")
+    p.add_argument("--servers", nargs="+", default=["vllm-serve", "ray-app"], choices=["vllm-serve", "ray-app"])
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--duration", type=float, default=180, help="seconds of load per server (and per fault phase)")
+    p.add_argument("--max-requests", type=int, default=400, help="at most this many requests per phase")
+    p.add_argument("--long-tokens", type=int, default=6000, help="tokens of a long prompt (past the window)")
+    p.add_argument("--faults", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the Ray app's load: the same load with an embedder and the LLM replica killed")
+    p.add_argument("--out", default="runs/bench-load", help="server logs and configs")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(fn=cmd_bench_load)
 
     p = sub.add_parser("demo", help="continue a long document through the reference model")
     _model_args(p)

@@ -12,6 +12,8 @@ from extemb_vllm.serving.embedder_service import EmbedderWorker  # noqa: E402
 from extemb_vllm.serving.llm_service import ExtEmbRouter, LLMWorker  # noqa: E402
 from extemb_vllm.serving.openai_ingress import OpenAIIngress  # noqa: E402
 
+import httpx  # noqa: E402
+
 from .test_vllm_spine import TOL, _ids  # noqa: E402
 from .vllm_helpers import make_llm, shutdown, vllm_request  # noqa: E402
 
@@ -21,6 +23,7 @@ CASES = [(_ids(200, 41), 10, {"k": 8, "reserve": 4}), (_ids(90, 42), 5, {"k": 4,
 
 
 KEYS = ["key-a", "key-b"]
+TINY_DOC = "it was the age of wisdom, it was the age of foolishness, it was the epoch of belief. " * 40
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +179,73 @@ def test_bad_http_requests_get_clear_errors(app_port, body, status, message):
     assert bad_json.status_code == 400
     assert len(_client(app_port).completions.create(model="tiny-extemb", prompt=[5, 6, 7], max_tokens=2)
                .choices[0].text) >= 0  # still serving
+
+
+@pytest.mark.slow
+def test_bad_input_catalogue_gets_4xx_and_the_app_keeps_serving(app_port, tiny):
+    """The same catalogue (and bodies) as against `vllm serve`; unknown document ids too."""
+    from extemb_vllm.bench import catalogue
+
+    base = f"http://127.0.0.1:{app_port}"
+    limit = _client(app_port).models.list().data[0].max_model_len
+    _, tok = tiny
+    # 3x of it is past what k=2 fits in the window but within the extended length
+    doc = tok.decode(tok(TINY_DOC, add_special_tokens=False).input_ids[: limit * 2 // 7])
+    cases = catalogue.catalogue(doc, limit)
+    answers = catalogue.run(base, "tiny-extemb", cases, "ray-app", api_key="key-a")
+    assert len(answers) == len(cases)
+    wrong = [a for a in answers if not (a.ok and a.next_request_ok)]
+    assert not wrong, "\n".join(f"{a.name}: expected {a.expected}, got {a.status} {a.message!r}" for a in wrong)
+    assert all(a.ok for a in catalogue.auth_answers(base, "tiny-extemb", "key-a"))
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_llm_replica_restart_in_flight_fail_clearly_new_ones_succeed(app_port):
+    """Kill the LLM replica while requests run: each one either completes or fails with a 503 /
+    an error event (no hang, no truncated answer served as complete); Serve starts a new
+    replica and new requests succeed."""
+    import concurrent.futures as cf
+
+    import openai
+
+    from extemb_vllm.bench.catalogue import wait_until
+    from extemb_vllm.bench.load import unfinished_requests
+
+    base = f"http://127.0.0.1:{app_port}"
+    client = _client(app_port)
+    client = client.with_options(timeout=120)
+
+    def one(i):
+        try:
+            if i % 2:
+                chunks = list(client.completions.create(model="tiny-extemb", prompt=_ids(20, 100 + i), max_tokens=40,
+                                                        stream=True, extra_body={"ignore_eos": True}))
+                # (random weights may well say nothing printable: the finish reason says it is complete)
+                return "ok" if chunks[-1].choices[0].finish_reason == "length" else "unfinished stream"
+            r = client.completions.create(model="tiny-extemb", prompt=_ids(20, 100 + i), max_tokens=40,
+                                          extra_body={"ignore_eos": True})
+            return "ok" if r.usage.completion_tokens == 40 else "truncated"
+        except openai.APIStatusError as e:
+            return f"HTTP {e.status_code}"
+        except openai.APIError as e:  # an error event inside a stream
+            return f"stream error: {e.message[:60]}"
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(one, i) for i in range(48)]
+        assert wait_until(lambda: unfinished_requests(base) > 0, timeout_s=60, every_s=0.02)
+        (victim,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "LLMWorker" in a["name"]]
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        outcomes = [f.result(timeout=300) for f in futures]
+    assert set(outcomes) <= {"ok", "HTTP 503"} | {o for o in outcomes if o.startswith("stream error")}, outcomes
+    assert any(o != "ok" for o in outcomes), "the kill landed after every request had finished"
+    # a new replica comes up and serves
+    def served():
+        try:
+            return client.completions.create(model="tiny-extemb", prompt=[5, 6, 7], max_tokens=2).usage is not None
+        except openai.APIError:
+            return False
+    assert wait_until(served, timeout_s=240, every_s=2)
 
 
 def test_example_serve_config_is_valid_and_builds_the_app():

@@ -2,15 +2,14 @@
 
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
+
+from extemb_vllm.bench.servers import free_port
 
 from .conftest import ROOT
 
@@ -18,42 +17,21 @@ pytestmark = pytest.mark.slow
 MODEL = "extemb-llama2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+KEY = "test-key"  # the server runs with --api-key: every test also checks the key path
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_checkpoint, tmp_path_factory):
-    port = _free_port()
+    from extemb_vllm.bench.servers import VllmServer
+
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", "--model", MODEL, "--host", "127.0.0.1",
-           "--port", str(port), "--enforce-eager", "--dtype", "float32", "--trust-request-mm-kwargs"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(base + "/v1/models", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-    yield base, log
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with VllmServer(MODEL, log, api_key=KEY, kv_cache_gib=1) as srv:
+        yield srv.base_url, log
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", timeout=600, max_retries=0)
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, timeout=600, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -113,31 +91,50 @@ def test_repeated_document_is_served_from_cache(client, server, document):
     assert _metric(base, "vllm:prefix_cache_hits_total") - hits > 1000
 
 
-@pytest.mark.parametrize("body,message", [
-    ({"prompt": ""}, "empty|at least one token|Empty"),
-    ({"prompt": "word " * 120_000}, "maximum context length"),
-    ({"mm_processor_kwargs": {"k": 0}}, "k must be >= 1"),
-    ({"mm_processor_kwargs": {"k": -4}}, "k must be >= 1"),
-    ({"mm_processor_kwargs": {"k": 2.5}}, "k must be an integer"),
-    ({"mm_processor_kwargs": {"k": 12}}, "not served by this model"),
-    ({"mm_processor_kwargs": {"k": 2}}, "does not fit"),  # with a document too long for k=2, below
-    ({"mm_processor_kwargs": {"raw_tail": -1}}, "raw_tail must be"),
-])
-def test_bad_input_is_a_400_and_the_server_keeps_serving(client, document, body, message):
-    body = {"prompt": document, **body}
-    prompt = body.pop("prompt")
-    if body.get("mm_processor_kwargs", {}).get("k") == 2:
-        prompt = document * 3  # ~13.5K tokens: k=2 gives ~6.2K slots, more than the window
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body=body)
-    assert re.search(message, str(e.value)), str(e.value)
-    ok = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=2)
-    assert ok.choices[0].text is not None
+def test_bad_input_catalogue_gets_4xx_and_the_server_keeps_serving(server, document, smollm2):
+    """Every input of the catalogue gets its expected status and a message that says what is
+    wrong, and a good request right after it completes."""
+    from extemb_vllm.bench import catalogue
+    from extemb_vllm.model.config import max_context_tokens
+
+    model, _ = smollm2
+    cases = catalogue.catalogue(document, max_context_tokens(model.ext))
+    answers = catalogue.run(server[0], MODEL, cases, "vllm-serve", api_key=KEY)
+    assert len(answers) == sum("vllm-serve" in c.servers for c in cases)
+    wrong = [a for a in answers if not (a.ok and a.next_request_ok)]
+    assert not wrong, "\n".join(f"{a.name}: expected {a.expected}, got {a.status} {a.message!r}" for a in wrong)
+
+
+def test_api_key_is_required(server):
+    from extemb_vllm.bench import catalogue
+
+    answers = catalogue.auth_answers(server[0], MODEL, KEY)
+    assert all(a.ok for a in answers), answers
+
+
+def test_a_client_that_hangs_up_has_its_request_aborted(server, client, document):
+    """A stream dropped after two chunks: the server aborts it (no request left running, its KV
+    blocks freed) long before its 2000 tokens could have been generated."""
+    from extemb_vllm.bench.catalogue import wait_until
+
+    base, _ = server
+    stream = client.completions.create(model=MODEL, prompt=document, max_tokens=2000, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 1:
+            break
+    assert _metric(base, "vllm:num_requests_running") == 1
+    stream.close()
+    t0 = time.time()
+    assert wait_until(lambda: _metric(base, "vllm:num_requests_running") == 0, timeout_s=30)
+    assert wait_until(lambda: _metric(base, "vllm:kv_cache_usage_perc") == 0, timeout_s=10)
+    assert time.time() - t0 < 30  # 2000 tokens would take minutes on CPU
+    assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=2).choices[0].text is not None
 
 
 def test_readme_first_command_serves_and_answers(smollm2_checkpoint, heldout_texts):
     """`make demo`'s last step: serve the default, send an over-long document, stop (DEMO_EXIT=1)."""
-    env = dict(os.environ, DEMO_EXIT="1", PORT=str(_free_port()), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, DEMO_EXIT="1", PORT=str(free_port()), HF_HUB_OFFLINE="1")
     r = subprocess.run(["bash", "scripts/serve_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

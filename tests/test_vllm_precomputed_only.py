@@ -9,7 +9,8 @@ from .vllm_helpers import compare_with_reference, make_llm, shutdown
 
 @pytest.fixture(scope="module")
 def precomputed_llm(tiny_checkpoint):
-    llm = make_llm(tiny_checkpoint, max_model_len=64, max_num_batched_tokens=512,
+    # a step budget below the window: the encoder cache must still hold one request's slots
+    llm = make_llm(tiny_checkpoint, max_model_len=64, max_num_batched_tokens=32,
                    hf_overrides={"extemb_precomputed_only": True})
     yield llm
     shutdown(llm)
@@ -23,6 +24,7 @@ def test_no_embedder_in_the_engine(precomputed_llm):
 def test_precomputed_embeddings_give_the_reference_outputs(precomputed_llm, tiny):
     model, _ = tiny
     cases = [(_ids(200, 31), 10, {"k": 8, "reserve": 4}), (_ids(90, 32), 5, {"k": 4, "raw_tail": 8, "reserve": 4}),
+             (_ids(190, 34), 4, {"k": 4, "raw_tail": 8, "reserve": 4}),  # 46 slots: more than a step's 32
              (_ids(30, 33), 30, {})]  # the last fits the window: a plain prompt, no embeddings needed
     assert compare_with_reference(precomputed_llm, model, cases, precomputed=True) < TOL
 

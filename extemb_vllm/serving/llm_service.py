@@ -27,6 +27,17 @@ from . import wire
 from .embedder_service import EmbedderClient, EmbedderWorker
 
 
+class LLMStreamError(RuntimeError):
+    pass
+
+
+def _client_errors() -> tuple:
+    # vLLM's own split: VLLMClientError is the request's fault (its 4xx), the rest the server's
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class LLMWorker:
     def __init__(self, model_dir: str, dtype: str = "float32", **engine_kwargs):
@@ -37,6 +48,7 @@ class LLMWorker:
                                hf_overrides={"extemb_precomputed_only": True},
                                limit_mm_per_prompt={"context": 1}, **engine_kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
+        self.client_errors = _client_errors()
 
     async def _outputs(self, req: wire.GenerateRequest):
         from vllm import SamplingParams
@@ -58,7 +70,7 @@ class LLMWorker:
             final = None
             async for out in self._outputs(req):
                 final = out
-        except ValueError as e:  # WireError, or the processor's input checks (shape, window, NaN, ...)
+        except self.client_errors as e:  # WireError, the processor's input checks (shape, window, NaN, ...)
             return wire.encode(wire.ErrorReply("bad_request", str(e)))
         o = final.outputs[0]
         logprobs = [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)] if req.logprobs else None
@@ -76,8 +88,12 @@ class LLMWorker:
                 yield wire.encode(wire.GenerateDelta(list(o.token_ids[n_tokens:]), o.text[n_chars:], o.finish_reason,
                                                      len(out.prompt_token_ids)))
                 n_tokens, n_chars = len(o.token_ids), len(o.text)
-        except ValueError as e:
+        except self.client_errors as e:
             yield wire.encode(wire.ErrorReply("bad_request", str(e)))
+
+    async def stats(self) -> dict:
+        """Requests this replica's engine still holds (a hung-up stream must reach 0 again)."""
+        return {"unfinished_requests": self.engine.get_num_unfinished_requests()}
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -116,11 +132,19 @@ class ExtEmbRouter:
         reply = await self.llm.generate.remote(await self._payload(prompt_token_ids, context_token_ids, **options))
         return wire.decode_reply(reply, wire.GenerateResult)
 
+    async def llm_stats(self) -> dict:
+        return await self.llm.stats.remote()
+
     async def generate_stream(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
                               **options):
         payload = await self._payload(prompt_token_ids, context_token_ids, **options)
+        finished = False
         async for reply in self.llm.options(stream=True).generate_stream.remote(payload):
-            yield wire.decode_reply(reply, wire.GenerateDelta)
+            delta = wire.decode_reply(reply, wire.GenerateDelta)
+            finished = delta.finish_reason is not None
+            yield delta
+        if not finished:  # a replica that died can end the stream quietly: never pass that off as an answer
+            raise LLMStreamError("the LLM replica's stream ended before the answer was finished")
 
 
 def build_app(args: dict) -> serve.Application:

@@ -9,7 +9,10 @@ on first use and served from the embedder workers' store afterwards. Per-request
 <key>` and a document id is visible only to the key that registered it.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "code"}}`: 400 for bad
-input (with the reason), 401 for a missing or wrong key, 404 for an unknown document.
+input (with the reason, unknown fields included), 401 for a missing or wrong key, 404 for
+an unknown document, 503 when a replica failed under the request (retry it); a stream that
+fails after its first chunk ends with an error event. `GET /health`, and `GET /metrics`
+(Prometheus text) with the requests an LLM replica still holds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from .store import DocumentStore, UnknownDocument
 api = FastAPI(title="extemb-vllm (Ray)")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
 LAYOUT_KEYS = ("k", "raw_tail", "reserve")
+# accepted and not acted on: the OpenAI client sends some of them; `n` other than 1 is refused
+ACCEPTED_KEYS = ("model", "stream", "stream_options", "user", "n", "context_id", "mm_processor_kwargs")
+COMPLETION_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_KEYS, *ACCEPTED_KEYS, "prompt"))
+CHAT_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_KEYS, *ACCEPTED_KEYS, "messages", "max_completion_tokens"))
+CONTEXT_KEYS = frozenset(("text", "token_ids"))
 
 
 class HTTPError(Exception):
@@ -48,12 +56,23 @@ def _usage(prompt_positions: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_positions + completion_tokens}
 
 
-def _cause(e: Exception) -> str:
-    """The message of the error that started a Ray task failure, without Ray's wrapping."""
+def _failure(e: Exception) -> HTTPError:
+    """The HTTP answer for an error from the router. Ray wraps what a replica raised; its
+    `cause` is the original. Bad input (ValueError, ContextError) is the client's 400; anything
+    else (a replica died, the embedder pool gave up) is a 503 the client may retry."""
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, (ValueError, ContextError)):
-        return str(cause)
-    return str(cause).strip().splitlines()[-1]
+        return HTTPError(400, str(cause))
+    last = (str(cause).strip().splitlines() or [""])[-1]
+    return HTTPError(503, f"the server failed to finish this request ({type(cause).__name__}: {last}); retry it",
+                     "ServiceUnavailableError")
+
+
+def _unknown_fields(body: dict, known: frozenset) -> None:
+    # a misspelt option must not be ignored and the answer served as if it had been honoured
+    extra = sorted(set(body) - known)
+    if extra:
+        raise HTTPError(400, f"unknown field(s) in the request: {extra}")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
@@ -91,7 +110,12 @@ class OpenAIIngress:
         return body
 
     def _options(self, body: dict, key: str | None) -> tuple[list[int], dict]:
-        """(context token ids, router options) from a request body."""
+        """(context token ids, router options) from a request body. Layout options may also ride
+        in `mm_processor_kwargs`, as `vllm serve` takes them: the same body works on both."""
+        mm = body.get("mm_processor_kwargs") or {}
+        if not isinstance(mm, dict) or set(mm) - set(LAYOUT_KEYS):
+            raise HTTPError(400, f"mm_processor_kwargs takes only {list(LAYOUT_KEYS)}, got {mm!r}")
+        body = {**body, **{k: v for k, v in mm.items() if body.get(k) is None}}
         opts = {k: body[k] for k in (*SAMPLING_KEYS, *LAYOUT_KEYS) if body.get(k) is not None}
         opts.setdefault("max_tokens", 16)
         for name in ("max_tokens", "k", "raw_tail", "reserve", "seed"):
@@ -118,8 +142,8 @@ class OpenAIIngress:
         if not stream:
             try:
                 out = await self.router.generate.remote(prompt_ids, context, **opts)
-            except Exception as e:  # the router's ValueError / ContextError arrive wrapped by Ray
-                raise HTTPError(400, _cause(e)) from None
+            except Exception as e:  # the router's errors arrive wrapped by Ray
+                raise _failure(e) from None
             choice = ({"index": 0, "message": {"role": "assistant", "content": out.text},
                        "finish_reason": out.finish_reason} if chat else
                       {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None})
@@ -131,15 +155,16 @@ class OpenAIIngress:
         # pull the first delta before answering, so a bad request still gets its 400
         try:
             first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
+        except StopAsyncIteration:  # every answer has at least its final delta
+            raise HTTPError(503, "the server's stream ended before the answer began; retry it",
+                            "ServiceUnavailableError") from None
         except Exception as e:
-            raise HTTPError(400, _cause(e)) from None
+            raise _failure(e) from None
 
         async def events():
             delta = first
             sent_role = False
-            while delta is not None:
+            while True:
                 if chat:
                     d = {"content": delta.text} | ({} if sent_role else {"role": "assistant"})
                     sent_role = True
@@ -149,10 +174,19 @@ class OpenAIIngress:
                 chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": created, "model": self.model_name, "choices": [choice]}
                 yield f"data: {json.dumps(chunk)}\n\n"
+                if delta.finish_reason is not None:
+                    break
                 try:
                     delta = await gen.__anext__()
-                except StopAsyncIteration:
-                    delta = None
+                    continue
+                except StopAsyncIteration:  # ended without its final delta: a replica failed
+                    err = HTTPError(503, "the server's stream ended before the answer was finished; retry it",
+                                    "ServiceUnavailableError")
+                except Exception as e:
+                    err = _failure(e)
+                # the headers are sent: say so in the stream, as vLLM does
+                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.kind, 'code': err.status}})}\n\n"
+                return
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -161,6 +195,14 @@ class OpenAIIngress:
         try:
             key = self._key(request)
             body = await self._body(request)
+            _unknown_fields(body, CHAT_KEYS if chat else COMPLETION_KEYS)
+            if body.get("model") not in (None, self.model_name):
+                raise HTTPError(404, f"The model `{body['model']}` does not exist (this server has "
+                                     f"`{self.model_name}`)", "NotFoundError")
+            if body.get("n", 1) != 1:
+                raise HTTPError(400, "n must be 1 (one choice per request)")
+            if chat and body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
+                body["max_tokens"] = body["max_completion_tokens"]
             if chat:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages:
@@ -197,6 +239,19 @@ class OpenAIIngress:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "extemb-vllm",
                                             "max_model_len": self.max_model_len}]}
 
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics(self):
+        """Prometheus text: requests an LLM replica still holds (one replica's view)."""
+        from fastapi.responses import PlainTextResponse
+
+        stats = await self.router.llm_stats.remote()
+        return PlainTextResponse("# TYPE extemb:llm_unfinished_requests gauge\n"
+                                 f"extemb:llm_unfinished_requests {stats['unfinished_requests']}\n")
+
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._handle(request, chat=False)
@@ -211,6 +266,7 @@ class OpenAIIngress:
         try:
             key = self._key(request)
             body = await self._body(request)
+            _unknown_fields(body, CONTEXT_KEYS)
             if isinstance(body.get("text"), str) and body["text"].strip():
                 ids = self.tokenizer(body["text"], add_special_tokens=False).input_ids
             elif isinstance(body.get("token_ids"), list) and body["token_ids"]:

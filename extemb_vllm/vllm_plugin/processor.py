@@ -85,8 +85,11 @@ class ExtEmbProcessingInfo(BaseProcessingInfo):
         return {}
 
     def get_mm_max_tokens_per_item(self, seq_len, mm_counts):
-        # one item = one chunk: ceil(chunk / smallest k) slots, never more than the window
-        return {MODALITY: min(-(-self.ext.chunk_size // self.ext.k_ladder[0]), self.ext.window, seq_len)}
+        # In-engine, one item = one chunk: ceil(chunk / smallest k) slots. Precomputed, one item
+        # holds every compact slot of the request: up to the window less one raw token. vLLM
+        # sizes its encoder cache from this; too small a figure refuses long contexts.
+        most = self.ext.window - 1 if self.precomputed_only else -(-self.ext.chunk_size // self.ext.k_ladder[0])
+        return {MODALITY: min(most, self.ext.window, seq_len)}
 
 
 class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):

@@ -33,10 +33,18 @@ class ExtEmbRenderer(HfRenderer):
             return params
         return dataclasses.replace(params, max_total_tokens=max_context_tokens(self.ext))
 
+    def _refuse_blank(self, prompt):
+        # whitespace tokenises to a few tokens and would be "answered"; there is nothing to read
+        text = prompt.get("prompt")
+        if self.ext is not None and "prompt_token_ids" not in prompt and isinstance(text, str) and not text.strip():
+            raise ValueError("the prompt is empty or whitespace only")
+
     def _tokenize_singleton_prompt(self, prompt, params):
+        self._refuse_blank(prompt)
         return super()._tokenize_singleton_prompt(prompt, self._extended(params))
 
     async def _tokenize_singleton_prompt_async(self, prompt, params):
+        self._refuse_blank(prompt)
         return await super()._tokenize_singleton_prompt_async(prompt, self._extended(params))
 
     def _as_context_request(self, prompt):

@@ -1,0 +1,155 @@
+"""The two servers the serving benchmarks drive, each started as users start it and torn down
+with everything it spawned: `vllm serve --model <ckpt>` (the in-engine plug-in) and the Ray
+app (`serve run` of a config like examples/ray/extemb.yaml). Both speak the OpenAI API on
+loopback; `memory_bytes()` is the resident memory of the server's whole process tree (the
+API server, engine core, Ray's raylet and every replica)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_CONFIG = ROOT / "examples" / "ray" / "extemb.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+class Server:
+    """A server subprocess in its own session (so teardown reaches all it spawned)."""
+
+    name = "server"
+
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None, startup_s: float = 600):
+        self.cmd, self.port, self.log, self.startup_s = cmd, port, Path(log), startup_s
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
+        self.env.update(HF_HUB_OFFLINE="1", **(env or {}))
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self):
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=open(self.log, "w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + self.startup_s
+        while not self.ready():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not come up (log {self.log}):\n{self.log.read_text()[-3000:]}")
+            time.sleep(2)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            urllib.request.urlopen(self.base_url + "/v1/models", timeout=2)
+            return True
+        except urllib.error.HTTPError as e:  # up, but wants a key: that is ready too
+            return e.code == 401
+        except OSError:
+            return False
+
+    def memory_bytes(self) -> int:
+        try:
+            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        tree = self._tree()  # Ray starts some processes in sessions of their own
+        os.killpg(self.proc.pid, signal.SIGINT)  # both servers shut down cleanly on Ctrl-C
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def _tree(self) -> list:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+class VllmServer(Server):
+    name = "vllm serve"
+
+    def __init__(self, model_dir: Path, log: Path, port: int | None = None, dtype: str = "float32",
+                 api_key: str | None = None, extra_args: tuple[str, ...] = (), kv_cache_gib: int = 2):
+        port = port or free_port()
+        cmd = [_bin("vllm"), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+               "--enforce-eager", "--dtype", dtype, "--trust-request-mm-kwargs", *extra_args]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        super().__init__(cmd, port, log, env={"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)})
+        self.model = str(model_dir)
+
+
+def ray_app_config(model_dir: Path, port: int, workdir: Path, embedder_replicas: int | None = None,
+                   api_keys: list[str] | None = None, engine_kwargs: dict | None = None) -> Path:
+    """examples/ray/extemb.yaml with this run's model, port and store directories."""
+    cfg = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]
+    app["args"].update(model_dir=str(model_dir), store_dir=str(workdir / "chunks"),
+                       contexts_dir=str(workdir / "contexts"))
+    if api_keys:
+        app["args"]["api_keys"] = list(api_keys)
+    if engine_kwargs:
+        app["args"]["engine_kwargs"] = {**app["args"].get("engine_kwargs", {}), **engine_kwargs}
+    if embedder_replicas:
+        next(d for d in app["deployments"] if d["name"] == "EmbedderWorker")["num_replicas"] = embedder_replicas
+    path = workdir / "serve-config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+class RayAppServer(Server):
+    name = "Ray app (serve run)"
+
+    def __init__(self, model_dir: Path, workdir: Path, port: int | None = None, **config_kw):
+        port = port or free_port()
+        config = ray_app_config(model_dir, port, Path(workdir), **config_kw)
+        # `serve run` starts a private local Ray runtime for this server, torn down with it
+        super().__init__([_bin("serve"), "run", str(config)], port, Path(workdir) / "serve.log",
+                         env={"RAY_USAGE_STATS_ENABLED": "0"})
+        self.model = Path(model_dir).name
