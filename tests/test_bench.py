@@ -53,3 +53,46 @@ def test_bench_embedder_tiny(tiny_checkpoint, tmp_path):
         assert r["embedder_tokens_per_s"] > 0 and r["x_limit"] > 0
         assert r["limit_s"] == pytest.approx(r["llm_prefill_s"] * 2 / 4)  # 2 of the tiny model's 4 layers
     assert result["profile"]["top_ops"] and "x limit" in out
+
+
+def _extemb_in_repo(*args):
+    """From the repository root (the held-out text lives in ./data), outputs elsewhere."""
+    from .conftest import ROOT
+
+    return _extemb(*args, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_bench_ray_tiny(tiny_checkpoint, tmp_path):
+    _extemb_in_repo("bench", "ray", "--model", str(tiny_checkpoint), "--workers", "1,2", "--docs", "4",
+                    "--doc-tokens", "64", "--requests", "2", "--tokens", "200", "--gen", "4", "--concurrency", "2",
+                    "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "ray.json"),
+                    "--plot", str(tmp_path / "ray.png"))
+    res = json.loads((tmp_path / "ray.json").read_text())
+    assert (tmp_path / "ray.png").stat().st_size > 10_000
+    one, two = res["embedder"]
+    assert one["replicas"] == 1 and two["replicas"] == 2 and one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
+    assert len(two["chunks_by_replica"]) == 2  # both workers encoded
+    for name in ("vllm serve", "ray app"):
+        s = res["end_to_end"][name]
+        assert s["sent"] == s["completed"] == 2 and s["requests_per_s"] > 0, (name, s)
+
+
+@pytest.mark.slow
+def test_bench_load_tiny_with_faults(tiny_checkpoint, tmp_path):
+    out = _extemb_in_repo("bench", "load", "--model", str(tiny_checkpoint), "--servers", "ray-app",
+                          "--clients", "4", "--duration", "20", "--max-requests", "60", "--long-tokens", "200",
+                          "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "load.json"),
+                          "--plot", str(tmp_path / "load.png"))
+    res = json.loads((tmp_path / "load.json").read_text())
+    assert (tmp_path / "load.png").stat().st_size > 10_000
+    s = res["servers"]["ray-app"]
+    assert s["sent"] == s["completed"] + s["cancelled_by_client"] + s["failed"] and s["completed"] > 0
+    assert s["failed"] == 0 and s["cancelled_by_client"] > 0  # the mix hangs up on some streams
+    assert s["unfinished_on_server_after"] == 0 and len(s["memory_samples"]) > 5
+    assert s["bad_inputs"] and all(a["ok"] and a["next_request_ok"] for a in s["bad_inputs"]), s["bad_inputs"]
+    f = res["faults"]
+    assert [x["process"].split(":")[-1] for x in f["faults"]] == ["EmbedderWorker", "LLMWorker"]
+    assert f["served_after"] and f["sent"] == f["completed"] + f["cancelled_by_client"] + f["failed"]
+    assert all(c.startswith(("HTTP 503", "error event in the stream")) for c in f["failed_by_cause"]), f["failed_by_cause"]
+    assert "Bad inputs against ray-app" in out

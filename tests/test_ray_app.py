@@ -13,6 +13,7 @@ from extemb_vllm.serving.llm_service import ExtEmbRouter, LLMWorker  # noqa: E40
 from extemb_vllm.serving.openai_ingress import OpenAIIngress  # noqa: E402
 
 import httpx  # noqa: E402
+import torch  # noqa: E402
 
 from .test_vllm_spine import TOL, _ids  # noqa: E402
 from .vllm_helpers import make_llm, shutdown, vllm_request  # noqa: E402
@@ -182,16 +183,42 @@ def test_bad_http_requests_get_clear_errors(app_port, body, status, message):
 
 
 @pytest.mark.slow
-def test_bad_input_catalogue_gets_4xx_and_the_app_keeps_serving(app_port, tiny):
+@pytest.mark.parametrize("context, message", [
+    (torch.full((6, 128), float("nan")), "NaN or infinite"),
+    (torch.full((6, 128), float("inf")), "NaN or infinite"),
+    (torch.zeros(6, 100), "hidden size"),
+    (torch.zeros(6, 128, dtype=torch.float16), "must be float32"),
+    (torch.zeros(200, 128), "window|does not fit|exceed"),
+    (b"\x93\x01\x02", "expected|Expected|object"),     # msgspec bytes that are not a GenerateRequest
+])
+def test_malformed_compact_embeddings_between_processes_are_refused(app_port, context, message):
+    """What the router sends an LLM replica: bad compact embeddings or bytes get an ErrorReply
+    with the reason, and the replica keeps serving."""
+    import re
+
+    from extemb_vllm.serving import wire
+
+    llm = serve.get_deployment_handle("LLMWorker", app_name=APP)
+    if isinstance(context, bytes):
+        payload = context
+    else:
+        payload = wire.encode(wire.GenerateRequest([5, 6], wire.Tensor.from_torch(context), reserve=4, max_tokens=2))
+    with pytest.raises(ValueError, match=message) as e:  # the replica's ErrorReply, re-raised
+        wire.decode_reply(llm.generate.remote(payload).result(), wire.GenerateResult)
+    assert str(e.value).startswith("bad_request: ")
+    ok = wire.decode(llm.generate.remote(wire.encode(wire.GenerateRequest([5, 6, 7], max_tokens=2))).result(),
+                     wire.GenerateResult)
+    assert len(ok.token_ids) == 2
+
+
+@pytest.mark.slow
+def test_bad_input_catalogue_gets_4xx_and_the_app_keeps_serving(app_port):
     """The same catalogue (and bodies) as against `vllm serve`; unknown document ids too."""
     from extemb_vllm.bench import catalogue
 
     base = f"http://127.0.0.1:{app_port}"
     limit = _client(app_port).models.list().data[0].max_model_len
-    _, tok = tiny
-    # 3x of it is past what k=2 fits in the window but within the extended length
-    doc = tok.decode(tok(TINY_DOC, add_special_tokens=False).input_ids[: limit * 2 // 7])
-    cases = catalogue.catalogue(doc, limit)
+    cases = catalogue.catalogue(TINY_DOC, limit)
     answers = catalogue.run(base, "tiny-extemb", cases, "ray-app", api_key="key-a")
     assert len(answers) == len(cases)
     wrong = [a for a in answers if not (a.ok and a.next_request_ok)]

@@ -161,3 +161,15 @@ def test_a_writer_killed_mid_write_leaves_no_corrupt_entry(tmp_path, kill_after_
             served += 1
     assert served >= len(started) - 1  # at most the entry being written when killed is missing
     assert store.stats.corrupt_entries == 0
+
+
+def test_no_pickle_or_torch_load_on_the_wire():
+    """Bytes from other processes are msgspec only: nothing that serves requests unpickles."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "extemb_vllm"
+    served = [*(root / "serving").glob("*.py"), *(root / "vllm_plugin").glob("*.py")]
+    hits = [f"{p.name}: {m.group(0)}" for p in served
+            for m in re.finditer(r"import (cloud)?pickle|\b(cloud)?pickle\.loads?\(|torch\.load\(|marshal\.loads\(", p.read_text())]
+    assert not hits, hits

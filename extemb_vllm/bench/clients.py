@@ -61,7 +61,11 @@ async def _one(client, model: str, spec: RequestSpec, t0: float) -> Outcome:
             ttft = time.perf_counter() - start
     except openai.APIStatusError as e:
         status, cause = "failed", f"HTTP {e.status_code} {type(e).__name__}"
-    except Exception as e:  # connection reset, timeout, malformed stream: all count as failures
+    except openai.APIConnectionError as e:  # refused, reset, timed out
+        status, cause = "failed", type(e).__name__
+    except openai.APIError:  # the server reported an error inside a stream it had begun
+        status, cause = "failed", "error event in the stream"
+    except Exception as e:  # anything else is a failure too, by its type
         status, cause = "failed", type(e).__name__
     return Outcome(spec.kind, spec.stream, spec.chat, status, cause, start - t0, time.perf_counter() - start, ttft,
                    tokens)

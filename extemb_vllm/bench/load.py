@@ -142,7 +142,9 @@ def run(model_dir: Path, servers: list[str], clients: int, duration_s: float, ma
     res = {"machine": machine(), "model": str(model_dir), "command": " ".join(sys.argv), "servers": {},
            "settings": dict(clients=clients, duration_s=duration_s, max_requests=max_requests,
                             long_tokens=long_tokens)}
-    make = {"vllm-serve": lambda: VllmServer(model_dir, outdir / "vllm-serve.log"),
+    # the same engine settings as the Ray app's LLM replica (examples/ray/extemb.yaml)
+    make = {"vllm-serve": lambda: VllmServer(model_dir, outdir / "vllm-serve.log",
+                                             extra_args=("--max-num-seqs", "16")),
             "ray-app": lambda: RayAppServer(model_dir, outdir / "ray-app")}
     for name in servers:
         print(f"[bench load] {name}: {clients} clients, at most {duration_s:g} s / {max_requests} requests",
@@ -204,7 +206,8 @@ def format_table(res: dict) -> str:
             lines += ["", f"Bad inputs against {name}:", "", "input | expected | got | message | next request",
                       "---|---|---|---|---"]
             lines += [f"{a['name']} | {a['expected']} | {a['status']}{'' if a['ok'] else ' (UNEXPECTED)'} | "
-                      f"{a['message'][:90].replace('|', '/')} | {'ok' if a['next_request_ok'] else 'FAILED'}"
+                      f"{' '.join(a['message'].split())[:90].replace('|', '/')} | "
+                      f"{'ok' if a['next_request_ok'] else 'FAILED'}"
                       for a in s["bad_inputs"]]
     return "\n".join(lines)
 

@@ -158,7 +158,7 @@ def plot(res: dict, path: Path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     rows = res["embedder"]
     a.plot([r["replicas"] for r in rows], [r["tokens_per_s"] for r in rows], "o-")
-    a.set(xlabel="embedder workers", ylabel="document tokens/s", title="embedder pool throughput")
+    a.set(xlabel="embedder workers", ylabel="document tokens/s", title="embedder pool throughput", ylim=(0, None))
     a.set_xticks([r["replicas"] for r in rows])
     names = list(res["end_to_end"])
     b.bar(names, [res["end_to_end"][n]["requests_per_s"] for n in names], color=["tab:gray", "tab:blue"])

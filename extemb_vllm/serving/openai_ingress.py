@@ -5,7 +5,8 @@ with `stream`), and `POST /v1/contexts`, which registers a document once and ret
 an id that later requests name in `context_id` (with any `k`): its chunks are encoded
 on first use and served from the embedder workers' store afterwards. Per-request
 `k`, `raw_tail`, `reserve` and `context_id` ride in the body (the OpenAI client's
-`extra_body`). With `api_keys` configured, a request needs `Authorization: Bearer
+`extra_body`); the layout options also in `mm_processor_kwargs`, as `vllm serve` takes
+them, so one request body works against both. With `api_keys` configured, a request needs `Authorization: Bearer
 <key>` and a document id is visible only to the key that registered it.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "code"}}`: 400 for bad
