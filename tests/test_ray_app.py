@@ -24,7 +24,6 @@ CASES = [(_ids(200, 41), 10, {"k": 8, "reserve": 4}), (_ids(90, 42), 5, {"k": 4,
 
 
 KEYS = ["key-a", "key-b"]
-TINY_DOC = "it was the age of wisdom, it was the age of foolishness, it was the epoch of belief. " * 40
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +185,10 @@ def test_bad_http_requests_get_clear_errors(app_port, body, status, message):
 @pytest.mark.parametrize("context, message", [
     (torch.full((6, 128), float("nan")), "NaN or infinite"),
     (torch.full((6, 128), float("inf")), "NaN or infinite"),
-    (torch.zeros(6, 100), "hidden size"),
-    (torch.zeros(6, 128, dtype=torch.float16), "must be float32"),
+    (torch.zeros(6, 100), r"shape \(n >= 1, 128\)"),       # wrong hidden size
     (torch.zeros(200, 128), "window|does not fit|exceed"),
-    (b"\x93\x01\x02", "expected|Expected|object"),     # msgspec bytes that are not a GenerateRequest
+    ("int32", "dtype 'int32'"),                             # a dtype the wire does not carry
+    (b"\x93\x01\x02", "expected|Expected|object"),      # msgspec bytes that are not a GenerateRequest
 ])
 def test_malformed_compact_embeddings_between_processes_are_refused(app_port, context, message):
     """What the router sends an LLM replica: bad compact embeddings or bytes get an ErrorReply
@@ -201,6 +200,13 @@ def test_malformed_compact_embeddings_between_processes_are_refused(app_port, co
     llm = serve.get_deployment_handle("LLMWorker", app_name=APP)
     if isinstance(context, bytes):
         payload = context
+    elif isinstance(context, str):  # re-label a float32 tensor's dtype in the raw msgpack map
+        import msgspec
+
+        good = wire.GenerateRequest([5, 6], wire.Tensor.from_torch(torch.zeros(6, 128)), reserve=4, max_tokens=2)
+        raw = msgspec.msgpack.decode(wire.encode(good))
+        raw["context"]["dtype"] = context
+        payload = msgspec.msgpack.encode(raw)
     else:
         payload = wire.encode(wire.GenerateRequest([5, 6], wire.Tensor.from_torch(context), reserve=4, max_tokens=2))
     with pytest.raises(ValueError, match=message) as e:  # the replica's ErrorReply, re-raised
@@ -218,7 +224,7 @@ def test_bad_input_catalogue_gets_4xx_and_the_app_keeps_serving(app_port):
 
     base = f"http://127.0.0.1:{app_port}"
     limit = _client(app_port).models.list().data[0].max_model_len
-    cases = catalogue.catalogue(TINY_DOC, limit)
+    cases = catalogue.catalogue(_ids(limit // 2, 50), limit)  # a context past the window, within the limit
     answers = catalogue.run(base, "tiny-extemb", cases, "ray-app", api_key="key-a")
     assert len(answers) == len(cases)
     wrong = [a for a in answers if not (a.ok and a.next_request_ok)]

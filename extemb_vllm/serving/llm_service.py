@@ -31,11 +31,16 @@ class LLMStreamError(RuntimeError):
     pass
 
 
-def _client_errors() -> tuple:
-    # vLLM's own split: VLLMClientError is the request's fault (its 4xx), the rest the server's
+def _request_fault(e: Exception) -> str | None:
+    """The reason when `e` is the request's fault, else None (the server's: let it raise).
+    vLLM's own split: VLLMClientError is the request's fault (its 4xx). The plug-in's input
+    checks (shape, hidden size, NaN, window: ValueError) reach us wrapped by AsyncLLM in an
+    EngineGenerateError, whose cause they are."""
     from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineGenerateError
 
-    return (ValueError, VLLMClientError)
+    cause = e.__cause__ if isinstance(e, EngineGenerateError) else e
+    return str(cause) if isinstance(cause, (ValueError, VLLMClientError)) else None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -48,7 +53,6 @@ class LLMWorker:
                                hf_overrides={"extemb_precomputed_only": True},
                                limit_mm_per_prompt={"context": 1}, **engine_kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
-        self.client_errors = _client_errors()
 
     async def _outputs(self, req: wire.GenerateRequest):
         from vllm import SamplingParams
@@ -70,8 +74,10 @@ class LLMWorker:
             final = None
             async for out in self._outputs(req):
                 final = out
-        except self.client_errors as e:  # WireError, the processor's input checks (shape, window, NaN, ...)
-            return wire.encode(wire.ErrorReply("bad_request", str(e)))
+        except Exception as e:  # WireError, the processor's input checks (shape, window, NaN, ...)
+            if (reason := _request_fault(e)) is None:
+                raise
+            return wire.encode(wire.ErrorReply("bad_request", reason))
         o = final.outputs[0]
         logprobs = [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)] if req.logprobs else None
         return wire.encode(wire.GenerateResult(list(o.token_ids), o.text, o.finish_reason,
@@ -88,8 +94,10 @@ class LLMWorker:
                 yield wire.encode(wire.GenerateDelta(list(o.token_ids[n_tokens:]), o.text[n_chars:], o.finish_reason,
                                                      len(out.prompt_token_ids)))
                 n_tokens, n_chars = len(o.token_ids), len(o.text)
-        except self.client_errors as e:
-            yield wire.encode(wire.ErrorReply("bad_request", str(e)))
+        except Exception as e:
+            if (reason := _request_fault(e)) is None:
+                raise
+            yield wire.encode(wire.ErrorReply("bad_request", reason))
 
     async def stats(self) -> dict:
         """Requests this replica's engine still holds (a hung-up stream must reach 0 again)."""
