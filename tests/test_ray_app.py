@@ -193,7 +193,6 @@ def test_bad_http_requests_get_clear_errors(app_port, body, status, message):
 def test_malformed_compact_embeddings_between_processes_are_refused(app_port, context, message):
     """What the router sends an LLM replica: bad compact embeddings or bytes get an ErrorReply
     with the reason, and the replica keeps serving."""
-    import re
 
     from extemb_vllm.serving import wire
 
@@ -242,7 +241,7 @@ def test_llm_replica_restart_in_flight_fail_clearly_new_ones_succeed(app_port):
 
     import openai
 
-    from extemb_vllm.bench.catalogue import wait_until
+    from extemb_vllm.bench.servers import wait_until
     from extemb_vllm.bench.load import unfinished_requests
 
     base = f"http://127.0.0.1:{app_port}"

@@ -1,15 +1,13 @@
 """A real `vllm serve --model extemb-llama2` on loopback, driven by the openai client (slow)."""
 
 import os
-import re
 import subprocess
 import time
-import urllib.request
 
 import openai
 import pytest
 
-from extemb_vllm.bench.servers import free_port
+from extemb_vllm.bench.servers import free_port, metric, wait_until
 
 from .conftest import ROOT
 
@@ -48,11 +46,6 @@ def smollm2(smollm2_checkpoint):
     return load_model(smollm2_checkpoint)
 
 
-def _metric(base, name) -> float:
-    text = urllib.request.urlopen(base + "/metrics").read().decode()
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M))
-
-
 def test_models_advertise_the_extended_length(client, smollm2):
     model, _ = smollm2
     from extemb_vllm.model.config import max_context_tokens
@@ -85,10 +78,10 @@ def test_repeated_document_is_served_from_cache(client, server, document):
     base, _ = server
     doc = document + " And so it ends."  # new content: its chunks are not cached yet
     client.completions.create(model=MODEL, prompt=doc, max_tokens=1)
-    hits = _metric(base, "vllm:prefix_cache_hits_total")
+    hits = metric(base, "vllm:prefix_cache_hits_total")
     client.completions.create(model=MODEL, prompt=doc, max_tokens=1)
     # compact slots and raw tail of the repeat come from the prefix cache, keyed on chunk content
-    assert _metric(base, "vllm:prefix_cache_hits_total") - hits > 1000
+    assert metric(base, "vllm:prefix_cache_hits_total") - hits > 1000
 
 
 def test_bad_input_catalogue_gets_4xx_and_the_server_keeps_serving(server, document, smollm2):
@@ -115,7 +108,6 @@ def test_api_key_is_required(server):
 def test_a_client_that_hangs_up_has_its_request_aborted(server, client, document):
     """A stream dropped after two chunks: the server aborts it (no request left running, its KV
     blocks freed) long before its 2000 tokens could have been generated."""
-    from extemb_vllm.bench.catalogue import wait_until
 
     base, _ = server
     stream = client.completions.create(model=MODEL, prompt=document, max_tokens=2000, stream=True,
@@ -123,11 +115,11 @@ def test_a_client_that_hangs_up_has_its_request_aborted(server, client, document
     for i, _ in enumerate(stream):
         if i == 1:
             break
-    assert _metric(base, "vllm:num_requests_running") == 1
+    assert metric(base, "vllm:num_requests_running") == 1
     stream.close()
     t0 = time.time()
-    assert wait_until(lambda: _metric(base, "vllm:num_requests_running") == 0, timeout_s=30)
-    assert wait_until(lambda: _metric(base, "vllm:kv_cache_usage_perc") == 0, timeout_s=10)
+    assert wait_until(lambda: metric(base, "vllm:num_requests_running") == 0, timeout_s=30)
+    assert wait_until(lambda: metric(base, "vllm:kv_cache_usage_perc") == 0, timeout_s=10)
     assert time.time() - t0 < 30  # 2000 tokens would take minutes on CPU
     assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=2).choices[0].text is not None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -121,11 +120,3 @@ def auth_answers(base_url: str, model: str, api_key: str) -> list[Answer]:
 def answers_json(answers: list[Answer]) -> list[dict]:
     return [asdict(a) for a in answers]
 
-
-def wait_until(pred, timeout_s: float = 60, every_s: float = 0.5) -> bool:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(every_s)
-    return pred()

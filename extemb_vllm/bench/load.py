@@ -12,7 +12,6 @@ server's memory over time (the whole process tree), with its growth after warm-u
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from . import catalogue
 from .clients import RequestSpec, drive, outcomes_json, summarize
 from .engines import machine
 from .ray_app import long_prompts
-from .servers import RayAppServer, VllmServer
+from .servers import RayAppServer, VllmServer, metric, wait_until
 
 SERVERS = ("vllm-serve", "ray-app")
 SHORT = ["Write one sentence about the sea.", "Name three colours.", "What is two plus two?",
@@ -73,13 +72,10 @@ class MemorySampler:
 
 
 def unfinished_requests(base_url: str) -> float:
-    """Requests the server still holds (running + waiting), from its Prometheus /metrics."""
-    text = urllib.request.urlopen(base_url + "/metrics", timeout=10).read().decode()
+    """Requests the server still holds: running + waiting (`vllm serve`), or what the Ray
+    ingress reports for its LLM replica."""
     names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "extemb:llm_unfinished_requests")
-    total = 0.0
-    for name in names:
-        total += sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
-    return total
+    return sum(metric(base_url, name) for name in names)
 
 
 def memory_growth(samples: list[tuple[float, int]], warmup_share: float = 0.3) -> dict:
@@ -159,7 +155,7 @@ def run(model_dir: Path, servers: list[str], clients: int, duration_s: float, ma
                       file=sys.stderr)
                 res["faults"] = run_one(server, workload(long, max_requests, seed=1), clients, duration_s,
                                         faults=[(f * duration_s, n) for f, n in RAY_FAULTS])
-                res["faults"]["served_after"] = catalogue.wait_until(lambda: _serves(server), timeout_s=300,
+                res["faults"]["served_after"] = wait_until(lambda: _serves(server), timeout_s=300,
                                                                      every_s=5)
                 _print(res["faults"])
     return res

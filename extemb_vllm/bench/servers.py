@@ -7,11 +7,13 @@ API server, engine core, Ray's raylet and every replica)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +28,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def metric(base_url: str, name: str) -> float:
+    """A gauge or counter from a server's Prometheus /metrics, summed over its labels."""
+    text = urllib.request.urlopen(base_url + "/metrics", timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
+def wait_until(pred, timeout_s: float = 60, every_s: float = 0.5) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(every_s)
+    return pred()
 
 
 def _bin(name: str) -> str:
