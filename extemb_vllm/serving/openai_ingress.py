@@ -6,8 +6,9 @@ an id that later requests name in `context_id` (with any `k`): its chunks are en
 on first use and served from the embedder workers' store afterwards. Per-request
 `k`, `raw_tail`, `reserve` and `context_id` ride in the body (the OpenAI client's
 `extra_body`); the layout options also in `mm_processor_kwargs`, as `vllm serve` takes
-them, so one request body works against both. With `api_keys` configured, a request needs `Authorization: Bearer
-<key>` and a document id is visible only to the key that registered it.
+them, so one request body works against both. With `api_keys` configured, a request
+needs `Authorization: Bearer <key>` and a document id is visible only to the key that
+registered it.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "code"}}`: 400 for bad
 input (with the reason, unknown fields included), 401 for a missing or wrong key, 404 for
@@ -33,7 +34,8 @@ from .store import DocumentStore, UnknownDocument
 api = FastAPI(title="extemb-vllm (Ray)")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
 LAYOUT_KEYS = ("k", "raw_tail", "reserve")
-# accepted and not acted on: the OpenAI client sends some of them; `n` other than 1 is refused
+# the other fields a request may carry (`stream_options` and `user` are accepted and ignored;
+# `n` other than 1 is refused); any field outside these sets is a 400
 ACCEPTED_KEYS = ("model", "stream", "stream_options", "user", "n", "context_id", "mm_processor_kwargs")
 COMPLETION_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_KEYS, *ACCEPTED_KEYS, "prompt"))
 CHAT_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_KEYS, *ACCEPTED_KEYS, "messages", "max_completion_tokens"))

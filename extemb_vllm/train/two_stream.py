@@ -16,10 +16,10 @@ the sample's first.
 The LLM runs that joint sequence in two calls that compute the same thing: the
 compact slots once (causal; their keys/values are what every chunk reads), then
 all raw chunks as one batch of n rows on top of those keys/values, row i masked to
-C_0..C_{i-1} and its own causal prefix. A dense (T, T) mask costs attention over
-every pair of the joint sequence, and no CPU/GPU attention kernel skips masked
-blocks of an arbitrary mask; the batched form only computes the (c, |C| + c)
-blocks that can be non-zero (5x less attention work at 8 chunks of 512, k=8).
+C_0..C_{i-1} and its own causal prefix. With a dense (T, T) mask, SDPA (CPU flash
+or the math path) computes attention over every pair of the joint sequence, masked
+or not; the batched form only computes the (c, |C| + c) blocks that can be non-zero
+(5x less attention work at 8 chunks of 512, k=8).
 """
 
 from __future__ import annotations
