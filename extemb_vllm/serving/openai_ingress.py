@@ -188,7 +188,8 @@ class OpenAIIngress:
                 except Exception as e:
                     err = _failure(e)
                 # the headers are sent: say so in the stream, as vLLM does
-                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.kind, 'code': err.status}})}\n\n"
+                error = {"message": err.message, "type": err.kind, "code": err.status}
+                yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             yield "data: [DONE]\n\n"
 
