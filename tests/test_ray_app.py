@@ -32,11 +32,9 @@ KEYS = ["key-a", "key-b"]
 def app_port(tiny_checkpoint, tmp_path_factory):
     """The whole Ray app on the tiny checkpoint: OpenAI ingress (HTTP on loopback, API keys on)
     -> router -> 2 embedder workers + 1 precomputed-only LLM replica."""
-    import socket
+    from extemb_vllm.bench.servers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     ck = str(tiny_checkpoint)

@@ -49,10 +49,12 @@ async def _one(client, model: str, spec: RequestSpec, t0: float) -> Outcome:
             call = client.completions.create(prompt=spec.prompt, stream=spec.stream, **kw)
         resp = await call
         if spec.stream:
-            async for n, chunk in _enumerate(resp):
+            chunks = 0
+            async for chunk in resp:
+                chunks += 1
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 tokens += 1 if chunk.choices and _text(chunk, spec.chat) else 0
-                if spec.cancel_after is not None and n + 1 >= spec.cancel_after:
+                if spec.cancel_after is not None and chunks >= spec.cancel_after:
                     await resp.close()  # hang up mid-stream: the server must cancel the request
                     status = "cancelled"
                     break
@@ -69,13 +71,6 @@ async def _one(client, model: str, spec: RequestSpec, t0: float) -> Outcome:
         status, cause = "failed", type(e).__name__
     return Outcome(spec.kind, spec.stream, spec.chat, status, cause, start - t0, time.perf_counter() - start, ttft,
                    tokens)
-
-
-async def _enumerate(aiter):
-    n = 0
-    async for x in aiter:
-        yield n, x
-        n += 1
 
 
 def _text(chunk, chat: bool) -> str:

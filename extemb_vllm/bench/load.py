@@ -92,7 +92,7 @@ def memory_growth(samples: list[tuple[float, int]], warmup_share: float = 0.3) -
 def kill_process(server, name: str) -> dict:
     """SIGKILL the first process of the server's tree whose command line contains `name` (a
     Ray replica is `ray::ServeReplica:<app>:<deployment>`): a crash, as the OOM killer does."""
-    for p in psutil.Process(server.proc.pid).children(recursive=True):
+    for p in server.processes()[1:]:
         try:
             if name in " ".join(p.cmdline()):
                 p.kill()

@@ -63,7 +63,8 @@ class Server:
 
     def __enter__(self):
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=open(self.log, "w"),
+        self._log_file = open(self.log, "w")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + self.startup_s
         while not self.ready():
@@ -83,41 +84,41 @@ class Server:
             return False
 
     def memory_bytes(self) -> int:
-        try:
-            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:
-            return 0
         total = 0
-        for p in procs:
+        for p in self.processes():
             try:
                 total += p.memory_info().rss
-            except psutil.Error:
+            except psutil.Error:  # exited between listing and reading
                 pass
         return total
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        tree = self._tree()  # Ray starts some processes in sessions of their own
-        os.killpg(self.proc.pid, signal.SIGINT)  # both servers shut down cleanly on Ctrl-C
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        for p in tree:
+        if self.proc.poll() is None:
+            tree = self.processes()  # Ray starts some processes in sessions of their own
+            os.killpg(self.proc.pid, signal.SIGINT)  # both servers shut down cleanly on Ctrl-C
             try:
-                p.kill()
-            except psutil.Error:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+            for p in tree:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self._log_file.close()
 
-    def _tree(self) -> list:
+    def processes(self) -> list:
+        """The server process and everything it spawned (Ray's raylet, replicas, engine cores)."""
         try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
         except psutil.Error:
             return []
 
