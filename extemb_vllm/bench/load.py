@@ -121,6 +121,8 @@ def run_one(server, specs, clients: int, duration_s: float, faults: list[tuple[f
         time.sleep(3)  # let aborts of hung-up streams land
     res = summarize(outcomes, wall)
     res["faults"] = injected
+    if faults:  # a killed replica is back only once the app serves again; its metrics with it
+        res["served_after"] = wait_until(lambda: _serves(server), timeout_s=300, every_s=5)
     res["unfinished_on_server_after"] = unfinished_requests(server.base_url)
     res["memory"] = memory_growth(mem.samples)
     res["memory_samples"] = mem.samples
@@ -155,8 +157,6 @@ def run(model_dir: Path, servers: list[str], clients: int, duration_s: float, ma
                       file=sys.stderr)
                 res["faults"] = run_one(server, workload(long, max_requests, seed=1), clients, duration_s,
                                         faults=[(f * duration_s, n) for f, n in RAY_FAULTS])
-                res["faults"]["served_after"] = wait_until(lambda: _serves(server), timeout_s=300,
-                                                                     every_s=5)
                 _print(res["faults"])
     return res
 
@@ -175,8 +175,11 @@ def _max_len(server) -> int:
 def _serves(server) -> bool:
     import httpx
 
-    r = httpx.post(server.base_url + "/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2},
-                   timeout=120)
+    try:
+        r = httpx.post(server.base_url + "/v1/completions",
+                       json={"model": server.model, "prompt": "Hi", "max_tokens": 2}, timeout=120)
+    except httpx.HTTPError:  # e.g. held past the timeout while a replica restarts: not yet
+        return False
     return r.status_code == 200
 
 

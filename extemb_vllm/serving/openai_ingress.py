@@ -19,6 +19,7 @@ fails after its first chunk ends with an error event. `GET /health`, and `GET /m
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -34,6 +35,7 @@ from .store import DocumentStore, UnknownDocument
 api = FastAPI(title="extemb-vllm (Ray)")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
 LAYOUT_KEYS = ("k", "raw_tail", "reserve")
+METRICS_TIMEOUT_S = 5.0
 # the other fields a request may carry (`stream_options` and `user` are accepted and ignored;
 # `n` other than 1 is refused); any field outside these sets is a 400
 ACCEPTED_KEYS = ("model", "stream", "stream_options", "user", "n", "context_id", "mm_processor_kwargs")
@@ -249,10 +251,16 @@ class OpenAIIngress:
 
     @api.get("/metrics")
     async def metrics(self):
-        """Prometheus text: requests an LLM replica still holds (one replica's view)."""
+        """Prometheus text: requests an LLM replica still holds (one replica's view). While the
+        LLM pool has no live replica (one is restarting) Serve would hold the call until it is
+        back: answer a prompt 503 instead, as a failed scrape."""
         from fastapi.responses import PlainTextResponse
 
-        stats = await self.router.llm_stats.remote()
+        try:
+            stats = await asyncio.wait_for(self.router.llm_stats.remote(), METRICS_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - timeout or a dead replica: the scrape fails, nothing else
+            return _error(503, f"no LLM replica answered within {METRICS_TIMEOUT_S:g} s "
+                               f"({type(e).__name__}); retry", "ServiceUnavailableError")
         return PlainTextResponse("# TYPE extemb:llm_unfinished_requests gauge\n"
                                  f"extemb:llm_unfinished_requests {stats['unfinished_requests']}\n")
 
