@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from extemb_vllm.eval import passkey, ppl
-from extemb_vllm.eval.stats import perplexity_with_interval
+from extemb_vllm.eval.stats import gain_fraction_with_interval, perplexity_with_interval
 from extemb_vllm.eval.texts import cut_spans
 
 from .conftest import ROOT, TINY_TEXT
@@ -32,6 +33,27 @@ def test_bootstrap_interval_brackets_the_estimate():
     assert lo < p < hi
 
 
+def test_gain_fraction_is_paired_and_anchored_at_baseline_and_full():
+    rng = np.random.default_rng(0)
+    counts = np.full(40, 100)
+    base = rng.normal(330, 30, 40)  # per-block NLL sums; block difficulty varies a lot
+    full = base - 20 + rng.normal(0, 1, 40)  # full attention: a steady gain on every block
+    assert gain_fraction_with_interval(base, full, full, counts)[0] == pytest.approx(1.0)
+    assert gain_fraction_with_interval(base, full, base, counts)[0] == pytest.approx(0.0)
+    half = (base + full) / 2
+    f, lo, hi = gain_fraction_with_interval(base, full, half, counts)
+    pb, pf, pm = (math.exp(x.sum() / counts.sum()) for x in (base, full, half))
+    assert f == pytest.approx((pb - pm) / (pb - pf)) and 0.45 < f < 0.55 and lo < f < hi  # in ppl, not log
+    # paired: block difficulty cancels, so the interval is tight although the levels are noisy
+    assert hi - lo < 0.1
+    _, plo, phi = perplexity_with_interval(half, counts)
+    assert (phi - plo) / math.exp(half.sum() / counts.sum()) > 0.05
+    worse = base + 10  # worse than the baseline: a negative share
+    assert gain_fraction_with_interval(base, full, worse, counts)[0] < 0
+    with pytest.raises(ValueError, match="same blocks"):
+        gain_fraction_with_interval(base, full, half[:-1], counts)
+
+
 def test_ppl_tiny(tiny, tmp_path):
     model, tok = tiny
     text = tmp_path / "t.txt"
@@ -51,6 +73,9 @@ def test_ppl_tiny(tiny, tmp_path):
     ppl.plot(res, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
     assert "k2-mismatched" in ppl.format_table(res)
+    # the compressed runs at 128 carry their share of full attention's gain (same blocks)
+    assert math.isfinite(cell["k4", 128].gain_fraction) and cell["k4", 128].gain_low <= cell["k4", 128].gain_high
+    assert cell["truncated", 128].gain_fraction is None and "share of full attention" in ppl.format_table(res)
 
 
 def test_ppl_reports_what_does_not_fit(tiny, tmp_path):

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import ContextError
-from .stats import perplexity_with_interval
+from .stats import gain_fraction_with_interval, perplexity_with_interval
 from .texts import cut_spans, read_texts
 
 
@@ -38,6 +38,11 @@ class PplResult:
     ks: list[int] = field(default_factory=list)  # k used by the blocks (auto picks per block)
     max_llm_positions: int = 0
     note: str = ""
+    # compressed methods: share of full attention's gain over `truncated` they recover, with
+    # a paired bootstrap interval (None where full or truncated did not run on the same blocks)
+    gain_fraction: float | None = None
+    gain_low: float | None = None
+    gain_high: float | None = None
 
 
 def parse_methods(ks: list[str], mismatched: bool) -> list[str]:
@@ -99,8 +104,13 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
                 results.append(PplResult(m, L, None, note=acc["note"] or "not run"))
                 continue
             ppl, lo, hi = perplexity_with_interval(acc["sums"], acc["counts"])
-            results.append(PplResult(m, L, ppl, lo, hi, int(sum(acc["counts"])), len(acc["counts"]),
-                                     sorted(acc["ks"]), acc["pos"]))
+            r = PplResult(m, L, ppl, lo, hi, int(sum(acc["counts"])), len(acc["counts"]), sorted(acc["ks"]),
+                          acc["pos"])
+            base, full = per.get("truncated"), per.get("full")
+            if m not in ("truncated", "full") and base and full and not (base["note"] or full["note"]):
+                r.gain_fraction, r.gain_low, r.gain_high = gain_fraction_with_interval(
+                    base["sums"], full["sums"], acc["sums"], acc["counts"])
+            results.append(r)
     bar.close()
     return results
 
@@ -148,6 +158,17 @@ def format_table(results: list[PplResult]) -> str:
         lines.append(row)
     scored = {r.length: r.n_tokens for r in results if r.ppl is not None}
     lines.append("scored tokens per cell: " + ", ".join(f"{L}: {n}" for L, n in sorted(scored.items())))
+    gains = [r for r in results if r.gain_fraction is not None]
+    if gains:
+        lines += ["", "share of full attention's gain over truncated that each method recovers "
+                      "[95% paired bootstrap interval]", f"{'method':<20}" + "".join(f"{L:>{w}}" for L in lengths)]
+        for m in dict.fromkeys(r.method for r in gains):
+            row = f"{m:<20}"
+            for L in lengths:
+                r = cell.get((m, L))
+                row += (f"{f'{r.gain_fraction:.0%} [{r.gain_low:.0%},{r.gain_high:.0%}]':>{w}}"
+                        if r is not None and r.gain_fraction is not None else f"{'-':>{w}}")
+            lines.append(row)
     return "\n".join(lines)
 
 
