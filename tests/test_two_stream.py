@@ -96,6 +96,16 @@ def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
     train(cfg, resume=True)
     recs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    # the instruction stage: the same command on other data, starting from the first stage's
+    # embedder (its step-0 held-out loss is the first stage's last one: the weights came along)
+    (tmp_path / "texts2").mkdir()
+    (tmp_path / "texts2" / "q.txt").write_text(TINY_TEXT.upper())
+    stage2 = TrainConfig(**{**vars(cfg), "data": [str(tmp_path / "texts2")], "out": str(tmp_path / "stage2"),
+                            "init_embedder": str(out / "embedder.safetensors"), "steps": 1})
+    recs2 = [json.loads(line) for line in open(train(stage2) / "log.jsonl")]
+    last_eval = [r for r in recs if r["kind"] == "eval"][-1]["loss_by_k"]
+    assert [r for r in recs2 if r["kind"] == "eval"][0]["loss_by_k"] == pytest.approx(last_eval, abs=1e-5)
+    assert [r["step"] for r in recs2 if r["kind"] == "train"] == [1]
 
 
 @pytest.mark.slow
