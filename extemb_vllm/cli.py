@@ -131,6 +131,13 @@ def cmd_train(args):
     print(train(cfg, resume=args.resume))
 
 
+def cmd_export(args):
+    from .train.export import export_embedder
+
+    out = export_embedder(args.run, args.out, note=args.note)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out.with_suffix('.json')}")
+
+
 def cmd_bench_serve(args):
     from .bench import serve
 
@@ -262,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast (default: on CUDA only; on CPU it pays only with AVX-512-BF16/AMX)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("export", help="ship a training run's embedder (bf16 safetensors + a JSON record)")
+    p.add_argument("--run", required=True, help="the run directory of `extemb train --out`")
+    p.add_argument("--out", default=None, help="weights file (default: the package's shipped default embedder)")
+    p.add_argument("--note", default="", help="free text for the record (e.g. where earlier steps ran)")
+    p.set_defaults(fn=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks against plain vLLM, in one run").add_subparsers(
         dest="what", required=True)

@@ -127,3 +127,41 @@ def test_loss_goes_down_on_real_text(smollm2_checkpoint, heldout_texts):
     with torch.no_grad():
         losses.append(two_stream_forward(model, ids, 8, 256).item())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, tmp_path):
+    """`extemb export`: bf16 safetensors that `extemb build` loads, and a record that traces them to the run;
+    a run of another base is refused as the embedded default's embedder."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    from extemb_vllm.model.checkpoint import build_checkpoint, load_model
+    from extemb_vllm.train.export import export_embedder
+    from extemb_vllm.train.trainer import TrainConfig, train
+
+    from .conftest import TINY_EXT, TINY_TEXT
+
+    (tmp_path / "texts").mkdir()
+    for name in "abcdef":
+        (tmp_path / "texts" / f"{name}.txt").write_text(TINY_TEXT)
+    run = train(TrainConfig(model=str(tiny_checkpoint), data=[str(tmp_path / "texts")], out=str(tmp_path / "run"),
+                            sample_len=48, chunk_len=12, k_ladder=[2, 4], steps=2, accum=2, eval_every=2,
+                            save_every=2, eval_samples=2, eval_ks=[4], cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(ValueError, match="not of the embedded default"):
+        export_embedder(run)  # the tiny base's embedder does not go into the default's slot
+    out = export_embedder(run, tmp_path / "ship" / "emb.safetensors", note="test")
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and rec["bytes"] == out.stat().st_size
+    assert rec["steps"] == 2 and rec["samples"] == 4 and rec["training_tokens"] == 4 * 48
+    assert sum(rec["k_seen"].values()) == 4 and rec["sessions"][0]["step"] == 0 and rec["sessions"][0]["machine"]
+    assert rec["heldout_eval_last"]["step"] == 2 and rec["note"] == "test"
+    shipped, trained = load_file(str(out)), load_file(str(run / "embedder.safetensors"))
+    assert shipped.keys() == trained.keys() and all(v.dtype == torch.bfloat16 for v in shipped.values())
+    # a checkpoint built with them carries the trained weights (to bf16 precision)
+    ckpt = build_checkpoint(tmp_path / "built", source=tiny_source, ext=TINY_EXT, embedder_weights=out)
+    model, _ = load_model(ckpt)
+    body = model.embedder.body.state_dict()
+    for name, ref in trained.items():
+        torch.testing.assert_close(body[name.removeprefix("embedder.")].float(), ref.to(torch.bfloat16).float())

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..model.checkpoint import load_model
-from .engines import machine
+from ..machine import machine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -1,13 +1,11 @@
 """What every benchmark shares: the plain-Llama view of a checkpoint, engines started
-and stopped one at a time in this process, a description of the machine, and a peak
-memory sampler."""
+and stopped one at a time in this process, and a peak memory sampler."""
 
 from __future__ import annotations
 
 import gc
 import json
 import os
-import platform
 import threading
 from pathlib import Path
 
@@ -53,18 +51,6 @@ def shutdown():
     gc.collect()
     cleanup_dist_env_and_memory()
 
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
 
 
 class PeakMemory:

@@ -23,7 +23,7 @@ import psutil
 
 from . import catalogue
 from .clients import RequestSpec, drive, outcomes_json, summarize
-from .engines import machine
+from ..machine import machine
 from .ray_app import long_prompts
 from .servers import RayAppServer, VllmServer, metric, wait_until
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .clients import RequestSpec, drive, summarize
-from .engines import machine
+from ..machine import machine
 from .servers import RayAppServer, VllmServer
 
 QUESTION = "\n\nQuestion: who speaks in the passage above? Answer:"

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..model.config import ContextError, ExtEmbConfig, plan_compression
-from .engines import PeakMemory, machine, make_engine, plain_llama_dir, shutdown
+from ..machine import machine
+from .engines import PeakMemory, make_engine, plain_llama_dir, shutdown
 
 QUESTION = "\n\nQuestion: what is the document above about? Answer:"
 ENGINES = ("plug-in", "full", "truncated")

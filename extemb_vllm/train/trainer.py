@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..machine import machine
 from ..model.checkpoint import load_embedder_weights, load_model, save_embedder_weights
 from .data import WindowSampler, split_documents, tokenize_cached
 from .two_stream import two_stream_forward
@@ -97,6 +98,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     (out / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     log = open(out / "log.jsonl", "a")
+    # where each stretch of the run ran (a run resumes across sessions and machines)
+    _log(log, {"step": step, "samples": step * cfg.accum, "kind": "session", "machine": machine(),
+               "device": str(device), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if step == 0 and eval_set:
         refs = reference_losses(model, eval_set, cfg.chunk_len, bf16)
         _log(log, {"step": 0, "samples": 0, "kind": "reference", **refs})

@@ -1,0 +1,76 @@
+"""Ship a training run's embedder: bf16 safetensors plus a JSON record beside it.
+
+The record says what the weights are (digest, size, base model, ExtEmb settings) and
+how they came to be (the run's command settings, steps, samples and tokens seen, the
+machines it ran on, its held-out losses), so a shipped file can always be traced back
+to its run. `extemb build` picks up the file at `SHIPPED_EMBEDDER` for the embedded
+default; `--out` elsewhere exports for any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..model.checkpoint import BUILD_INFO, DEFAULT_GGUF_FILE, SHIPPED_EMBEDDER
+
+MAX_SHIPPED_BYTES = 64 * 2**20  # what the package may carry
+
+
+def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: str = "") -> Path:
+    run_dir, out = Path(run_dir), Path(out) if out else SHIPPED_EMBEDDER
+    cfg = json.loads((run_dir / "train-config.json").read_text())
+    info = json.loads((Path(cfg["model"]) / BUILD_INFO).read_text())
+    model_cfg = json.loads((Path(cfg["model"]) / "config.json").read_text())
+    if out.resolve() == SHIPPED_EMBEDDER.resolve() and Path(info["source"]).name != DEFAULT_GGUF_FILE:
+        raise ValueError(f"{run_dir} trained the embedder of {info['source']}, not of the embedded default "
+                         f"({DEFAULT_GGUF_FILE}): export it with --out elsewhere")
+    log = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    trained = [r for r in log if r["kind"] == "train"]
+    if not trained:
+        raise ValueError(f"{run_dir} has no training step yet")
+    step = trained[-1]["step"]
+    evals = [r for r in log if r["kind"] == "eval" and r["step"] <= step]
+
+    src = load_file(str(run_dir / "embedder.safetensors"))
+    with open(run_dir / "embedder.safetensors", "rb") as f:  # the header's metadata (layer count)
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in src.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={**header.get("__metadata__", {}), "trained_steps": str(step)})
+    size = tmp.stat().st_size
+    if out.resolve() == SHIPPED_EMBEDDER.resolve() and size > MAX_SHIPPED_BYTES:
+        tmp.unlink()
+        raise ValueError(f"{size / 2**20:.1f} MiB is over the package's {MAX_SHIPPED_BYTES / 2**20:.0f} MiB")
+    tmp.replace(out)
+
+    record = {
+        "weights": out.name,
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "bytes": size,
+        "dtype": "bfloat16",
+        "parameters": sum(v.numel() for v in tensors.values()),
+        "base_model": Path(info["source"]).name,
+        "extemb": model_cfg.get("extemb"),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run": str(run_dir),
+        "train_config": cfg,
+        "steps": step,
+        "samples": trained[-1]["samples"],
+        "training_tokens": trained[-1]["samples"] * cfg["sample_len"],
+        "k_seen": {str(k): sum(r["ks"].count(k) for r in trained) for k in cfg["k_ladder"]},
+        "sessions": [{k: r[k] for k in ("step", "machine", "device", "started_at")}
+                     for r in log if r["kind"] == "session"],
+        "heldout_reference": next((r for r in log if r["kind"] == "reference"), None),
+        "heldout_eval_first": evals[0] if evals else None,
+        "heldout_eval_last": evals[-1] if evals else None,
+        "note": note,
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
