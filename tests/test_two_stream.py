@@ -92,10 +92,17 @@ def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
     assert [r["step"] for r in recs if r["kind"] == "eval"] == [0, 2, 4]
     assert {"full_context", "no_context"} <= set(next(r for r in recs if r["kind"] == "reference"))
     assert (out / "loss.png").stat().st_size > 1000 and (out / "embedder.safetensors").exists()
-    cfg.steps = 6
+    # a step logged after the last checkpoint (then a crash) is redone, not logged twice; --accum
+    # may change between stretches and the samples count follows
+    with open(out / "log.jsonl", "a") as f:
+        last_train = [r for r in recs if r["kind"] == "train"][-1]
+        f.write(json.dumps({**last_train, "step": 5, "samples": 10}) + "\n")
+    cfg.steps, cfg.accum = 6, 1
     train(cfg, resume=True)
     recs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["samples"] for r in recs if r["kind"] == "train"] == [2, 4, 6, 8, 9, 10]
+    assert [(r["step"], r["samples"]) for r in recs if r["kind"] == "session"] == [(0, 0), (4, 8)]
     # the instruction stage: the same command on other data, starting from the first stage's
     # embedder (its step-0 held-out loss is the first stage's last one: the weights came along)
     (tmp_path / "texts2").mkdir()

@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     params = [p for p in model.embedder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
-    step = 0
+    step = samples = 0
     state_file = out / "train-state.pt"
     if resume and state_file.exists():
         load_embedder_weights(model.embedder, out / "embedder.safetensors")
@@ -92,14 +92,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         rngs = json.loads((out / "rng.json").read_text())
         sampler.rng.bit_generator.state = rngs["sampler"]
         k_rng.bit_generator.state = rngs["k"]
-        print(f"[extemb] resumed {out} at step {step}")
+        samples = _rewind_log(out / "log.jsonl", step, state.get("samples"))
+        print(f"[extemb] resumed {out} at step {step} ({samples} samples)")
     elif not resume:
         (out / "log.jsonl").unlink(missing_ok=True)
     (out / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     log = open(out / "log.jsonl", "a")
     # where each stretch of the run ran (a run resumes across sessions and machines)
-    _log(log, {"step": step, "samples": step * cfg.accum, "kind": "session", "machine": machine(),
+    _log(log, {"step": step, "samples": samples, "kind": "session", "machine": machine(),
                "device": str(device), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if step == 0 and eval_set:
         refs = reference_losses(model, eval_set, cfg.chunk_len, bf16)
@@ -118,13 +119,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             (loss / cfg.accum).backward()
             losses.append(loss.item())
             ks.append(k)
+        samples += cfg.accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
-        rec = {"step": step, "samples": step * cfg.accum, "kind": "train", "loss": float(np.mean(losses)),
+        rec = {"step": step, "samples": samples, "kind": "train", "loss": float(np.mean(losses)),
                "ks": ks, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
                "tokens_per_s": cfg.accum * cfg.sample_len / dt}
         _log(log, rec)
@@ -132,26 +134,37 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
             ev = evaluate(model, eval_set, cfg, bf16)
-            _log(log, {"step": step, "samples": step * cfg.accum, "kind": "eval", "loss_by_k": ev})
+            _log(log, {"step": step, "samples": samples, "kind": "eval", "loss_by_k": ev})
             bar.write(f"step {step}: held-out loss " + ", ".join(f"k={k} {v:.4f}" for k, v in ev.items()))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            _save(model, opt, sched, step, sampler, k_rng, out)
+            _save(model, opt, sched, step, samples, sampler, k_rng, out)
             plot_curves(out / "log.jsonl", out / "loss.png")
     bar.close()
     log.close()
     return out
 
 
-def _save(model, opt, sched, step, sampler, k_rng, out: Path):
+def _save(model, opt, sched, step, samples, sampler, k_rng, out: Path):
     # write-then-rename: an interrupted save never leaves a half-written checkpoint
     save_embedder_weights(model.embedder, out / "embedder.tmp.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "samples": samples},
                out / "train-state.tmp.pt")
     (out / "rng.tmp.json").write_text(json.dumps({"sampler": sampler.rng.bit_generator.state,
                                                   "k": k_rng.bit_generator.state}))
     for name in ("embedder.safetensors", "train-state.pt", "rng.json"):
         stem, ext = name.split(".", 1)
         (out / f"{stem}.tmp.{ext}").replace(out / name)
+
+
+def _rewind_log(path: Path, step: int, samples: int | None) -> int:
+    """Resuming at a checkpoint: drop the log's records of steps after it (they are redone),
+    and return the samples seen up to it (--accum may change between stretches of a run)."""
+    recs = [json.loads(line) for line in open(path)] if path.exists() else []
+    kept = [r for r in recs if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if samples is None:  # a checkpoint from before the count was saved: the log has it
+        samples = next((r["samples"] for r in reversed(kept) if r["kind"] == "train"), 0)
+    return int(samples)
 
 
 def _log(f, rec):
