@@ -102,7 +102,8 @@ def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
     recs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["samples"] for r in recs if r["kind"] == "train"] == [2, 4, 6, 8, 9, 10]
-    assert [(r["step"], r["samples"]) for r in recs if r["kind"] == "session"] == [(0, 0), (4, 8)]
+    assert [(r["step"], r["samples"], r["config"]["accum"]) for r in recs if r["kind"] == "session"] == [
+        (0, 0, 2), (4, 8, 1)]
     # the instruction stage: the same command on other data, starting from the first stage's
     # embedder (its step-0 held-out loss is the first stage's last one: the weights came along)
     (tmp_path / "texts2").mkdir()

@@ -65,7 +65,7 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
         "samples": trained[-1]["samples"],
         "training_tokens": trained[-1]["samples"] * cfg["sample_len"],
         "k_seen": {str(k): sum(r["ks"].count(k) for r in trained) for k in cfg["k_ladder"]},
-        "sessions": [{k: r[k] for k in ("step", "machine", "device", "started_at")}
+        "sessions": [{k: r.get(k) for k in ("step", "samples", "machine", "device", "started_at", "config")}
                      for r in log if r["kind"] == "session"],
         "heldout_reference": next((r for r in log if r["kind"] == "reference"), None),
         "heldout_eval_first": evals[0] if evals else None,

@@ -99,9 +99,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     (out / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     log = open(out / "log.jsonl", "a")
-    # where each stretch of the run ran (a run resumes across sessions and machines)
+    # where and how each stretch of the run ran (a run resumes across sessions and machines,
+    # and settings such as --accum may change between stretches)
     _log(log, {"step": step, "samples": samples, "kind": "session", "machine": machine(),
-               "device": str(device), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+               "device": str(device), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": asdict(cfg)})
     if step == 0 and eval_set:
         refs = reference_losses(model, eval_set, cfg.chunk_len, bf16)
         _log(log, {"step": 0, "samples": 0, "kind": "reference", **refs})
