@@ -75,3 +75,22 @@ def test_embedder_alone_loads_without_the_llm_and_encodes_the_same(tiny_checkpoi
         want = model.compact_embeddings(ids, k=4)
         got = embedder.compress(ids, 4, ext.chunk_size, table)
     assert torch.equal(got, want)
+
+
+def test_shipped_embedder_is_what_its_record_says():
+    """The trained embedder in the package: at most 64 MB of bf16, the digest and size its record
+    gives, trained for the embedded default, and the tensor names of that default's embedder."""
+    import hashlib
+
+    from extemb_vllm.model.checkpoint import DEFAULT_GGUF_FILE, EMBEDDER_PREFIX, SHIPPED_EMBEDDER
+
+    rec = json.loads(SHIPPED_EMBEDDER.with_suffix(".json").read_text())
+    data = SHIPPED_EMBEDDER.read_bytes()
+    assert len(data) == rec["bytes"] <= 64 * 2**20
+    assert hashlib.sha256(data).hexdigest() == rec["sha256"]
+    assert rec["base_model"] == DEFAULT_GGUF_FILE and rec["steps"] > 0 and rec["samples"] > 0
+    tensors = load_file(str(SHIPPED_EMBEDDER))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    layers = ExtEmbConfig().embedder_layers
+    assert {int(k[len(EMBEDDER_PREFIX):].split(".")[1]) for k in tensors if ".layers." in k} == set(range(layers))
+    assert sum(t.numel() for t in tensors.values()) == rec["parameters"]

@@ -125,6 +125,11 @@ def test_smollm2_build_and_eval_ppl(smollm2_checkpoint, heldout_texts, tmp_path)
     r = _extemb("build")
     assert r.returncode == 0, r.stderr
     assert "up to date" in r.stdout
+    # a fresh machine's build uses the trained embedder shipped in the package, no download
+    from extemb_vllm.model.checkpoint import BUILD_INFO, SHIPPED_EMBEDDER
+
+    info = json.loads((smollm2_checkpoint / BUILD_INFO).read_text())
+    assert info["embedder_trained"] and info["embedder_weights"] == str(SHIPPED_EMBEDDER)
     out_json, out_png = tmp_path / "ppl.json", tmp_path / "ppl.png"
     r = _extemb("eval", "ppl", "--text", str(heldout_texts / "sonnets.txt"), "--lengths", "384,768",
                 "--window", "256", "--raw-tail", "64", "--score-tokens", "128", "--spans", "2",
