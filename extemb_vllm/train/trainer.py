@@ -243,6 +243,13 @@ def plot_curves(log_path: Path, png: Path):
     if refs:
         b.axhline(refs["full_context"], color="g", ls="--", label="full raw context")
         b.axhline(refs["no_context"], color="r", ls="--", label="no context")
+    # where a stretch of the run resumed, with the settings it ran under (they may change)
+    for r in recs:
+        if r["kind"] == "session" and r["samples"] > 0 and "config" in r:
+            for ax in (a, b):
+                ax.axvline(r["samples"], color="grey", ls=":", lw=1)
+            a.annotate(f"resumed: accum {r['config']['accum']}, lr {r['config']['lr']:g}", (r["samples"], 1.0),
+                       xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points", fontsize=7)
     b.set_xlabel("samples seen")
     b.set_ylabel("held-out loss, chunks 1..")
     b.legend(fontsize=8)
