@@ -159,6 +159,8 @@ def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, t
                             save_every=2, eval_samples=2, eval_ks=[4], cache_dir=str(tmp_path / "cache")))
     with pytest.raises(ValueError, match="not of the embedded default"):
         export_embedder(run)  # the tiny base's embedder does not go into the default's slot
+    with open(run / "log.jsonl", "a") as f:  # a step logged after the last checkpoint: not in the record
+        f.write(json.dumps({"step": 3, "samples": 6, "kind": "train", "ks": [2, 2], "loss": 1.0}) + "\n")
     out = export_embedder(run, tmp_path / "ship" / "emb.safetensors", note="test")
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and rec["bytes"] == out.stat().st_size

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..model.checkpoint import BUILD_INFO, DEFAULT_GGUF_FILE, SHIPPED_EMBEDDER
 
@@ -30,20 +31,20 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
     if out.resolve() == SHIPPED_EMBEDDER.resolve() and Path(info["source"]).name != DEFAULT_GGUF_FILE:
         raise ValueError(f"{run_dir} trained the embedder of {info['source']}, not of the embedded default "
                          f"({DEFAULT_GGUF_FILE}): export it with --out elsewhere")
-    log = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    # the weights are those of the last checkpoint; the log may run a little past it
+    step = int(torch.load(run_dir / "train-state.pt", weights_only=True)["step"])
+    log = [r for r in map(json.loads, open(run_dir / "log.jsonl")) if r["step"] <= step]
     trained = [r for r in log if r["kind"] == "train"]
     if not trained:
         raise ValueError(f"{run_dir} has no training step yet")
-    step = trained[-1]["step"]
-    evals = [r for r in log if r["kind"] == "eval" and r["step"] <= step]
+    evals = [r for r in log if r["kind"] == "eval"]
 
-    src = load_file(str(run_dir / "embedder.safetensors"))
-    with open(run_dir / "embedder.safetensors", "rb") as f:  # the header's metadata (layer count)
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in src.items()}
+    with safe_open(str(run_dir / "embedder.safetensors"), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k).to(torch.bfloat16).contiguous() for k in f.keys()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={**header.get("__metadata__", {}), "trained_steps": str(step)})
+    save_file(tensors, str(tmp), metadata={**metadata, "trained_steps": str(step)})
     size = tmp.stat().st_size
     if out.resolve() == SHIPPED_EMBEDDER.resolve() and size > MAX_SHIPPED_BYTES:
         tmp.unlink()
