@@ -259,8 +259,8 @@ class OpenAIIngress:
         try:
             stats = await asyncio.wait_for(self.router.llm_stats.remote(), METRICS_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - timeout or a dead replica: the scrape fails, nothing else
-            return _error(503, f"no LLM replica answered within {METRICS_TIMEOUT_S:g} s "
-                               f"({type(e).__name__}); retry", "ServiceUnavailableError")
+            return _error(503, f"the LLM replica did not answer ({type(e).__name__}; limit "
+                               f"{METRICS_TIMEOUT_S:g} s); retry", "ServiceUnavailableError")
         return PlainTextResponse("# TYPE extemb:llm_unfinished_requests gauge\n"
                                  f"extemb:llm_unfinished_requests {stats['unfinished_requests']}\n")
 
