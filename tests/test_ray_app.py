@@ -291,7 +291,6 @@ def test_llm_replica_restart_in_flight_fail_clearly_new_ones_succeed(app_port):
         (victim,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "LLMWorker" in a["name"]]
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         # while no LLM replica is up, /metrics answers promptly (a 503 scrape), it is not held
-        import httpx
         assert httpx.get(base + "/metrics", timeout=15).status_code in (200, 503)
         outcomes = [f.result(timeout=300) for f in futures]
     assert set(outcomes) <= {"ok", "HTTP 503"} | {o for o in outcomes if o.startswith("stream error")}, outcomes

@@ -70,6 +70,21 @@ def test_only_the_embedder_gets_gradients(tiny_checkpoint):
     assert changed and all(k.startswith("body.layers.") for k in changed)
 
 
+def _tiny_train_config(tiny_checkpoint, tmp_path, **overrides):
+    """A tiny run: 6 copies of the tiny text, samples of 4 chunks of 12, eval and save every 2 steps."""
+    from extemb_vllm.train.trainer import TrainConfig
+
+    from .conftest import TINY_TEXT
+
+    (tmp_path / "texts").mkdir()
+    for name in "abcdef":
+        (tmp_path / "texts" / f"{name}.txt").write_text(TINY_TEXT)
+    return TrainConfig(**{"model": str(tiny_checkpoint), "data": [str(tmp_path / "texts")], "out": str(tmp_path / "run"),
+                          "sample_len": 48, "chunk_len": 12, "k_ladder": [2, 4], "accum": 2, "eval_every": 2,
+                          "save_every": 2, "eval_samples": 2, "eval_ks": [4], "cache_dir": str(tmp_path / "cache"),
+                          **overrides})
+
+
 def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
     """Tiny end-to-end: log, eval records, loss curve, checkpoint, and --resume continuing the step count."""
     import json
@@ -78,14 +93,9 @@ def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
 
     from .conftest import TINY_TEXT
 
-    for name in ("a", "b", "c", "d", "e", "f"):
-        (tmp_path / "texts").mkdir(exist_ok=True)
-        (tmp_path / "texts" / f"{name}.txt").write_text(TINY_TEXT)
     (tmp_path / "held").mkdir()
     (tmp_path / "held" / "h.txt").write_text(TINY_TEXT[::-1])
-    cfg = TrainConfig(model=str(tiny_checkpoint), data=[str(tmp_path / "texts")], heldout=[str(tmp_path / "held")],
-                      out=str(tmp_path / "run"), sample_len=48, chunk_len=12, k_ladder=[2, 4], steps=4, accum=2,
-                      eval_every=2, save_every=2, eval_samples=2, eval_ks=[4], cache_dir=str(tmp_path / "cache"))
+    cfg = _tiny_train_config(tiny_checkpoint, tmp_path, heldout=[str(tmp_path / "held")], steps=4)
     out = train(cfg)
     recs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -147,16 +157,11 @@ def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, t
 
     from extemb_vllm.model.checkpoint import build_checkpoint, load_model
     from extemb_vllm.train.export import export_embedder
-    from extemb_vllm.train.trainer import TrainConfig, train
+    from extemb_vllm.train.trainer import train
 
-    from .conftest import TINY_EXT, TINY_TEXT
+    from .conftest import TINY_EXT
 
-    (tmp_path / "texts").mkdir()
-    for name in "abcdef":
-        (tmp_path / "texts" / f"{name}.txt").write_text(TINY_TEXT)
-    run = train(TrainConfig(model=str(tiny_checkpoint), data=[str(tmp_path / "texts")], out=str(tmp_path / "run"),
-                            sample_len=48, chunk_len=12, k_ladder=[2, 4], steps=2, accum=2, eval_every=2,
-                            save_every=2, eval_samples=2, eval_ks=[4], cache_dir=str(tmp_path / "cache")))
+    run = train(_tiny_train_config(tiny_checkpoint, tmp_path, steps=2))
     with pytest.raises(ValueError, match="not of the embedded default"):
         export_embedder(run)  # the tiny base's embedder does not go into the default's slot
     with open(run / "log.jsonl", "a") as f:  # a step logged after the last checkpoint: not in the record

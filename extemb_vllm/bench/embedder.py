@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import load_model
 from ..machine import machine
+from ..model.checkpoint import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from ..machine import machine
 from . import catalogue
 from .clients import RequestSpec, drive, outcomes_json, summarize
-from ..machine import machine
 from .ray_app import long_prompts
 from .servers import RayAppServer, VllmServer, metric, wait_until
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .clients import RequestSpec, drive, summarize
 from ..machine import machine
+from .clients import RequestSpec, drive, summarize
 from .servers import RayAppServer, VllmServer
 
 QUESTION = "\n\nQuestion: who speaks in the passage above? Answer:"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model.config import ContextError, ExtEmbConfig, plan_compression
 from ..machine import machine
+from ..model.config import ContextError, ExtEmbConfig, plan_compression
 from .engines import PeakMemory, make_engine, plain_llama_dir, shutdown
 
 QUESTION = "\n\nQuestion: what is the document above about? Answer:"

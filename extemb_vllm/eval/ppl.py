@@ -160,8 +160,8 @@ def format_table(results: list[PplResult]) -> str:
     lines.append("scored tokens per cell: " + ", ".join(f"{L}: {n}" for L, n in sorted(scored.items())))
     gains = [r for r in results if r.gain_fraction is not None]
     if gains:
-        lines += ["", "share of full attention's gain over truncated that each method recovers "
-                      "[95% paired bootstrap interval]", f"{'method':<20}" + "".join(f"{L:>{w}}" for L in lengths)]
+        lines += ["", ("share of full attention's gain over truncated that each method recovers "
+                       "[95% paired bootstrap interval]"), f"{'method':<20}" + "".join(f"{L:>{w}}" for L in lengths)]
         for m in dict.fromkeys(r.method for r in gains):
             row = f"{m:<20}"
             for L in lengths:

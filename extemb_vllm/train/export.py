@@ -25,10 +25,11 @@ MAX_SHIPPED_BYTES = 64 * 2**20  # what the package may carry
 
 def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: str = "") -> Path:
     run_dir, out = Path(run_dir), Path(out) if out else SHIPPED_EMBEDDER
+    shipping = out.resolve() == SHIPPED_EMBEDDER.resolve()  # into the package, as the default's embedder
     cfg = json.loads((run_dir / "train-config.json").read_text())
     info = json.loads((Path(cfg["model"]) / BUILD_INFO).read_text())
     model_cfg = json.loads((Path(cfg["model"]) / "config.json").read_text())
-    if out.resolve() == SHIPPED_EMBEDDER.resolve() and Path(info["source"]).name != DEFAULT_GGUF_FILE:
+    if shipping and Path(info["source"]).name != DEFAULT_GGUF_FILE:
         raise ValueError(f"{run_dir} trained the embedder of {info['source']}, not of the embedded default "
                          f"({DEFAULT_GGUF_FILE}): export it with --out elsewhere")
     # the weights are those of the last checkpoint; the log may run a little past it
@@ -46,7 +47,7 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={**metadata, "trained_steps": str(step)})
     size = tmp.stat().st_size
-    if out.resolve() == SHIPPED_EMBEDDER.resolve() and size > MAX_SHIPPED_BYTES:
+    if shipping and size > MAX_SHIPPED_BYTES:
         tmp.unlink()
         raise ValueError(f"{size / 2**20:.1f} MiB is over the package's {MAX_SHIPPED_BYTES / 2**20:.0f} MiB")
     tmp.replace(out)
