@@ -50,7 +50,7 @@ def cmd_build(args):
 
     ext = ExtEmbConfig().replace(embedder_layers=args.embedder_layers, chunk_size=args.chunk_size,
                                  k_ladder=tuple(args.k_ladder) if args.k_ladder else None,
-                                 window=args.window, raw_tail=args.raw_tail)
+                                 window=args.window, raw_tail=args.raw_tail, fill_window=args.fill_window)
     out = build_checkpoint(args.out, source=args.source, ext=ext, embedder_weights=args.embedder_weights,
                            dtype=getattr(torch, args.dtype), force=args.force)
     print(out)
@@ -67,17 +67,20 @@ def cmd_eval_ppl(args):
 
     model, tok = _load(args)
     methods = ppl.parse_methods(args.k, args.mismatched)
+    fill = model.ext.fill_window if args.fill_window is None else args.fill_window
     results = ppl.evaluate_ppl(model, tok, args.text, args.lengths, methods, window=args.window,
-                               raw_tail=args.raw_tail, n_spans=args.spans, score_tokens=args.score_tokens)
+                               raw_tail=args.raw_tail, n_spans=args.spans, score_tokens=args.score_tokens,
+                               fill_window=fill)
     print(ppl.format_table(results))
     meta = dict(model=str(args.model), text=[str(t) for t in args.text], window=args.window or model.ext.window,
-                raw_tail=args.raw_tail or model.ext.raw_tail, spans=args.spans, score_tokens=args.score_tokens,
-                dtype=args.dtype, device=str(model.device), command=" ".join(sys.argv))
+                raw_tail=args.raw_tail or model.ext.raw_tail, fill_window=fill, spans=args.spans,
+                score_tokens=args.score_tokens, dtype=args.dtype, device=str(model.device), command=" ".join(sys.argv))
     if args.json:
         ppl.write_json(results, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
-        ppl.plot(results, args.plot, title=f"{Path(args.model).name}: W={meta['window']}, raw tail {meta['raw_tail']}")
+        layout = f"raw tail >= {meta['raw_tail']}, window filled" if fill else f"raw tail {meta['raw_tail']}"
+        ppl.plot(results, args.plot, title=f"{Path(args.model).name}: W={meta['window']}, {layout}")
         print(f"wrote {args.plot}")
 
 
@@ -86,9 +89,11 @@ def cmd_eval_passkey(args):
 
     model, tok = _load(args)
     cells = passkey.evaluate_passkey(model, tok, args.lengths, args.depths, args.methods.split(","),
-                                     trials=args.trials, window=args.window, raw_tail=args.raw_tail, seed=args.seed)
+                                     trials=args.trials, window=args.window, raw_tail=args.raw_tail, seed=args.seed,
+                                     fill_window=args.fill_window)
     print(passkey.format_table(cells))
     meta = dict(model=str(args.model), window=args.window or model.ext.window, trials=args.trials,
+                fill_window=model.ext.fill_window if args.fill_window is None else args.fill_window,
                 device=str(model.device), command=" ".join(sys.argv))
     if args.json:
         passkey.write_json(cells, args.json, meta)
@@ -207,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--k-ladder", type=_ints)
     p.add_argument("--window", type=int)
-    p.add_argument("--raw-tail", type=int)
+    p.add_argument("--raw-tail", type=int, help="fewest recent tokens kept raw")
+    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep as many more raw as the window holds (default: on)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     p.add_argument("--force", action="store_true", help="rebuild even if the directory is up to date")
     p.set_defaults(fn=cmd_build)
@@ -225,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=lambda s: s.split(","), default=["8", "16", "32", "auto"])
     p.add_argument("--window", type=int, help="LLM window W (default: the checkpoint's)")
     p.add_argument("--raw-tail", type=int, help="raw tokens per scored block (default: the checkpoint's)")
+    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep as many recent tokens raw as the window holds (default: the checkpoint's)")
     p.add_argument("--spans", type=int, default=8)
     p.add_argument("--score-tokens", type=int, default=1024)
     p.add_argument("--mismatched", action="store_true", help="add the mismatched-context control for each k")
@@ -240,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--window", type=int)
     p.add_argument("--raw-tail", type=int)
+    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep as many recent tokens raw as the window holds (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     p.add_argument("--plot")

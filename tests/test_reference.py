@@ -5,7 +5,10 @@ import torch
 
 from extemb_vllm.model import ContextError, ExtEmbConfig, plan_compression
 
-CFG = ExtEmbConfig(embedder_layers=2, chunk_size=16, k_ladder=(2, 4, 8), window=64, raw_tail=16, reserve=4)
+# the fixed-raw-tail rule (exactly raw_tail raw); the window-filling rule is tested on FILL
+CFG = ExtEmbConfig(embedder_layers=2, chunk_size=16, k_ladder=(2, 4, 8), window=64, raw_tail=16, reserve=4,
+                   fill_window=False)
+FILL = CFG.replace(fill_window=True)
 
 
 def test_input_that_fits_stays_raw():
@@ -31,6 +34,40 @@ def test_ladder_may_hold_larger_k():
 def test_forced_k_compresses_even_when_it_fits():
     plan = plan_compression(40, CFG, k=4)
     assert (plan.n_compressed, plan.n_slots, plan.n_raw) == (24, 6, 16)
+
+
+def test_fill_window_keeps_as_many_tokens_raw_as_fit():
+    # 200 tokens, k=4 as with the fixed rule; then the raw tail grows from 16 while it fits:
+    # 181 compressed = 16x11 + 5 -> 44 + 2 = 46 slots + 19 raw = 65 > 64; 182 -> 46 + 18 = 64
+    plan = plan_compression(200, FILL)
+    assert (plan.k, plan.n_raw, plan.n_slots, plan.llm_length) == (4, 18, 46, 64)
+    assert plan.chunks[-1] == (176, 182)
+    # an input that fits stays raw even with a forced k; the fixed rule would compress it
+    assert plan_compression(40, FILL, k=4).k is None
+    # per call, the config's rule can be switched either way
+    assert plan_compression(200, FILL, fill_window=False).n_raw == 16
+    assert plan_compression(200, CFG, fill_window=True) == plan
+
+
+@pytest.mark.parametrize("n, k, reserve", [(n, k, r) for n in (61, 65, 100, 200, 333, 480) for k in (None, 4, 8)
+                                            for r in (0, 4, 9)])
+def test_fill_window_raw_tail_is_the_longest_that_fits(n, k, reserve):
+    from extemb_vllm.model import compact_slots
+
+    try:
+        plan = plan_compression(n, FILL, k=k, reserve=reserve)
+    except ContextError:
+        with pytest.raises(ContextError):
+            plan_compression(n, CFG, k=k, reserve=reserve)  # fill never refuses what the fixed rule takes
+        return
+    fixed = plan_compression(n, CFG, k=k, reserve=reserve) if n > 64 - reserve else None
+    if fixed is None or fixed.k is None:
+        assert plan.k is None and plan.n_raw == n
+        return
+    assert plan.k == fixed.k and plan.n_raw >= fixed.n_raw and plan.llm_length <= 64 - reserve
+    fits = [r for r in range(16, n) if compact_slots(n - r, plan.k, 16) + r <= 64 - reserve]
+    assert plan.n_raw == max(fits)  # brute force: no longer raw tail fits
+    assert plan.n_slots == compact_slots(plan.n_compressed, plan.k, 16)
 
 
 def test_input_that_cannot_fit_names_the_numbers():

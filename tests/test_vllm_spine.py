@@ -44,6 +44,8 @@ def test_tiny_batch_mix(tiny_llm, tiny):
         (_ids(150, 7), 150, {}),                          # plain prompt over the window: compressed
         (_ids(100, 8), 100, {"k": 4, "raw_tail": 12}),    # plain prompt, k and raw tail per request
         (_ids(1, 10), 1, {"k": 4}),                       # one token and a k: nothing to compress
+        (_ids(90, 11), 5, {"k": 4, "raw_tail": 8, "reserve": 4, "fill_window": False}),  # exactly 8 raw
+        (_ids(40, 12), 5, {"k": 4, "fill_window": False}),  # fits, but the fixed rule compresses it
     ]
     assert compare_with_reference(tiny_llm, model, cases) < TOL
 

@@ -41,7 +41,7 @@ def precomputed_request(model, ids, opts):
     do): {"embeds": (slots, hidden)} as the context, the raw tail as the prompt."""
     ids = torch.tensor(ids)
     plan = model.plan(len(ids), k=opts.get("k"), raw_tail=opts.get("raw_tail"),
-                      reserve=opts.get("reserve", model.ext.reserve))
+                      reserve=opts.get("reserve", model.ext.reserve), fill_window=opts.get("fill_window"))
     if plan.k is None:
         return {"prompt_token_ids": ids.tolist()}
     with torch.no_grad():
@@ -67,7 +67,7 @@ def compare_with_reference(llm, model, cases, max_tokens=4, precomputed=False):
         ids = torch.tensor(ids)
         reserve = opts.get("reserve", model.ext.reserve)
         k, raw_tail = opts.get("k"), opts.get("raw_tail")
-        plan = model.plan(len(ids), k=k, raw_tail=raw_tail, reserve=reserve)
+        plan = model.plan(len(ids), k=k, raw_tail=raw_tail, reserve=reserve, fill_window=opts.get("fill_window"))
         # vLLM's engine prompt is [placeholders..., raw tail]
         assert len(out.prompt_token_ids) == plan.llm_length, (len(out.prompt_token_ids), plan)
         got = list(out.outputs[0].token_ids)
@@ -83,7 +83,7 @@ def compare_with_reference(llm, model, cases, max_tokens=4, precomputed=False):
         seq = torch.cat([ids, torch.tensor(got)])
         n_raw = plan.n_raw + len(got)
         lp, plan2 = model.score(seq, n_raw - (1 if plan.k is None else 0), k=plan.k, raw_tail=n_raw,
-                                window=model.ext.window + len(got))
+                                window=model.ext.window + len(got), fill_window=False)  # exactly this layout
         assert plan2.n_compressed == plan.n_compressed
         ref_gen = lp[-len(got):]
         v_gen = torch.tensor([step[t].logprob for step, t in zip(out.outputs[0].logprobs, got)])

@@ -44,6 +44,8 @@ def catalogue(long_text: str, max_model_len: int, k_not_served: int = 12) -> lis
         BadInput("k too small for the window", 400, "does not fit",  # 0.9 x the limit at k=2: slots >> window
                  {"prompt": [100] * (max_model_len * 9 // 10), **kw(k=2)}),
         BadInput("raw_tail negative", 400, "raw_tail must be", {"prompt": long_text, **kw(raw_tail=-1)}),
+        BadInput("fill_window not a boolean", 400, "fill_window must be true or false",
+                 {"prompt": long_text, **kw(fill_window="yes")}),
         BadInput("unknown field", 400, "unknown field.*max_token", {"prompt": "Hello", "max_token": 5}),
         BadInput("max_tokens 0", 400, "max_tokens", {"prompt": "Hello", "max_tokens": 0}),
         BadInput("token id outside the vocabulary", 400, "vocab", {"prompt": [5, 10_000_000]}),

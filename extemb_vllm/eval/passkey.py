@@ -54,7 +54,7 @@ def make_prompt(tokenizer, length: int, depth: float, key: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_passkey(model, tokenizer, lengths, depths, methods, trials=3, window=None, raw_tail=None,
-                     seed=0, max_new_tokens=8, progress=True) -> list[PasskeyCell]:
+                     seed=0, max_new_tokens=8, progress=True, fill_window=None) -> list[PasskeyCell]:
     W = window or model.ext.window
     rng = random.Random(seed)
     keys = {(L, d, t): rng.randint(10000, 99999) for L in lengths for d in depths for t in range(trials)}
@@ -68,7 +68,7 @@ def evaluate_passkey(model, tokenizer, lengths, depths, methods, trials=3, windo
                     key = keys[(L, d, t)]
                     ids = make_prompt(tokenizer, L, d, key)
                     try:
-                        new = _generate(model, m, ids, W, raw_tail, max_new_tokens)
+                        new = _generate(model, m, ids, W, raw_tail, max_new_tokens, fill_window)
                     except ContextError as e:
                         cell.note = str(e)
                         break
@@ -79,7 +79,7 @@ def evaluate_passkey(model, tokenizer, lengths, depths, methods, trials=3, windo
     return cells
 
 
-def _generate(model, method, ids, W, raw_tail, max_new_tokens):
+def _generate(model, method, ids, W, raw_tail, max_new_tokens, fill_window):
     if method == "full":
         if ids.numel() + max_new_tokens > model.max_positions:
             raise ContextError(f"{ids.numel()} tokens exceed the base model's {model.max_positions} positions")
@@ -87,7 +87,7 @@ def _generate(model, method, ids, W, raw_tail, max_new_tokens):
     if method == "truncated":
         return model.generate(ids[-(W - max_new_tokens):], max_new_tokens, window=W)[0]
     k = None if method == "auto" else int(method[1:])
-    return model.generate(ids, max_new_tokens, k=k, raw_tail=raw_tail, window=W)[0]
+    return model.generate(ids, max_new_tokens, k=k, raw_tail=raw_tail, window=W, fill_window=fill_window)[0]
 
 
 def write_json(cells, path, meta):

@@ -4,12 +4,14 @@ scored given everything before them, for several total lengths and methods.
 Targets are scored in blocks of `raw_tail` tokens. For a block [s, s+b):
   full        the whole span up to the block, one forward (if the base allows it)
   truncated   only the W - b raw tokens before the block: the model's window
-  k<K>        compact embeddings (k=K) of everything before the block + the block
+  k<K>        compact embeddings (k=K) of older tokens + recent raw tokens + the block
   auto        as served: raw when it fits the window, else the smallest k that fits
   k<K>-mismatched  the control: compact embeddings of another span's tokens
 Every LLM input of truncated / k / auto is at most W positions, so they are
-compared at the same window. This is the paper's stream 2 at inference: each
-block is predicted from compact slots of the past plus its own raw tokens.
+compared at the same window. With `fill_window` (as served) the compressed methods
+keep as many tokens before the block raw as the window holds beside the slots;
+without it only the block is raw: the paper's stream 2, each block predicted from
+compact slots of all the past plus its own raw tokens.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def parse_methods(ks: list[str], mismatched: bool) -> list[str]:
 
 @torch.no_grad()
 def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, raw_tail=None,
-                 n_spans=8, score_tokens=1024, progress=True) -> list[PplResult]:
+                 n_spans=8, score_tokens=1024, progress=True, fill_window=None) -> list[PplResult]:
     W = window or model.ext.window
     B = raw_tail or model.ext.raw_tail
     if not 0 < B < W:
@@ -89,7 +91,7 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
                 if acc["note"]:
                     continue
                 try:
-                    for nll, n, k, pos in _score_method(model, m, tok, other, blocks, W, cache):
+                    for nll, n, k, pos in _score_method(model, m, tok, other, blocks, W, cache, fill_window):
                         acc["sums"].append(nll)
                         acc["counts"].append(n)
                         acc["pos"] = max(acc["pos"], pos)
@@ -115,7 +117,7 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
     return results
 
 
-def _score_method(model, method, tok, other, blocks, W, cache):
+def _score_method(model, method, tok, other, blocks, W, cache, fill_window=None):
     """Yield (nll_sum, n_tokens, k, llm_positions) for each target block."""
     L = tok.numel()
     if method == "full":
@@ -134,7 +136,8 @@ def _score_method(model, method, tok, other, blocks, W, cache):
         else:
             k = None if method == "auto" else int(method[1:].split("-")[0])
             compact_ids = other if method.endswith("-mismatched") else None
-            lp, plan = model.score(tok[:e], b, k=k, raw_tail=b, window=W, cache=cache, compact_ids=compact_ids)
+            lp, plan = model.score(tok[:e], b, k=k, raw_tail=b, window=W, cache=cache, compact_ids=compact_ids,
+                                   fill_window=fill_window)
         yield -lp.sum().item(), b, plan.k, plan.llm_length
 
 

@@ -24,8 +24,12 @@ class ExtEmbConfig:
     chunk_size: int = 512
     k_ladder: tuple[int, ...] = (2, 4, 8, 16, 32)  # adaptive k picks the smallest that fits
     window: int = 4096  # positions the LLM sees: compact slots + raw tail (+ generated tokens)
-    raw_tail: int = 1024  # most recent tokens kept as normal token embeddings
+    raw_tail: int = 1024  # fewest most recent tokens kept as normal token embeddings
     reserve: int = 256  # window positions a server keeps free for generated tokens by default
+    # Keep as many recent tokens raw as the window holds beside the compact slots, so only
+    # what must be compressed is (a raw token is worth more than a compact slot). Off: exactly
+    # `raw_tail` tokens stay raw, and a forced k compresses the rest even of an input that fits.
+    fill_window: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "k_ladder", tuple(sorted(int(k) for k in self.k_ladder)))
@@ -58,8 +62,8 @@ class ExtEmbConfig:
 
 
 def check_request_options(opts: dict, cfg: "ExtEmbConfig") -> dict:
-    """Per-request k / raw_tail / reserve, checked the same way wherever a request comes in.
-    A served k must be one of the ladder's: the embedder was trained for those."""
+    """Per-request k / raw_tail / reserve / fill_window, checked the same way wherever a request
+    comes in. A served k must be one of the ladder's: the embedder was trained for those."""
     if opts.get("k") is not None:
         check_k(opts["k"])
         if opts["k"] not in cfg.k_ladder:
@@ -68,6 +72,8 @@ def check_request_options(opts: dict, cfg: "ExtEmbConfig") -> dict:
         value = opts.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ContextError(f"{key} must be a non-negative integer, got {value!r}")
+    if opts.get("fill_window") is not None and not isinstance(opts["fill_window"], bool):
+        raise ContextError(f"fill_window must be true or false, got {opts['fill_window']!r}")
     return opts
 
 
@@ -130,22 +136,26 @@ def plan_compression(
     raw_tail: int | None = None,
     window: int | None = None,
     reserve: int = 0,
+    fill_window: bool | None = None,
 ) -> CompressionPlan:
     """Decide what to compress so the input (plus `reserve` tokens to generate) fits.
 
-    Input that fits the window as it is stays raw, unless a k is given, which
-    forces compression of everything but the raw tail. Otherwise the oldest
-    `n_tokens - raw_tail` tokens are compressed with `k`, or with the smallest k
-    of the ladder for which compact slots + raw tail + reserve fit the window.
+    Input that fits the window as it is stays raw. Otherwise k is the given one, or
+    the smallest of the ladder for which the compact slots of the oldest
+    `n_tokens - raw_tail` tokens + raw tail + reserve fit the window; with
+    `fill_window` (the config's default) the raw tail then grows to the most recent
+    tokens the window still holds at that k. Without it exactly `raw_tail` tokens
+    stay raw, and a given k forces compression even of an input that fits.
     """
     window = cfg.window if window is None else window
     raw_tail = cfg.raw_tail if raw_tail is None else raw_tail
+    fill = cfg.fill_window if fill_window is None else fill_window
     if n_tokens <= 0:
         raise ContextError("empty input: there are no tokens to read")
     if raw_tail < 1:
         raise ContextError(f"raw_tail must be >= 1, got {raw_tail}")
     budget = window - reserve
-    if k is None and n_tokens <= budget:
+    if n_tokens <= budget and (k is None or fill):
         return CompressionPlan(n_tokens, 0, None, 0, cfg.chunk_size, [])
     if k is not None:
         check_k(k)
@@ -157,6 +167,10 @@ def plan_compression(
     for kk in candidates:
         slots = compact_slots(n_compressed, kk, cfg.chunk_size)
         if slots + raw <= budget:
+            if fill:
+                raw = widest_raw_tail(n_tokens, raw, kk, cfg.chunk_size, budget)
+                n_compressed = n_tokens - raw
+                slots = compact_slots(n_compressed, kk, cfg.chunk_size)
             return CompressionPlan(
                 n_tokens, n_compressed, kk, slots, cfg.chunk_size, chunk_bounds(n_compressed, cfg.chunk_size)
             )
@@ -171,6 +185,22 @@ def plan_compression(
         f"Use a larger k, a shorter raw tail or a shorter input (at most about "
         f"{(budget - raw) * kk + raw} tokens at k={kk})."
     )
+
+
+def widest_raw_tail(n_tokens: int, raw: int, k: int, chunk_size: int, budget: int) -> int:
+    """The longest raw tail (>= `raw`, which fits) for which slots + raw tail <= budget at k.
+
+    One more raw token removes at most one compact slot, so the positions used never fall
+    as the raw tail grows: the longest one that fits is found by bisection.
+    """
+    lo, hi = raw, n_tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if compact_slots(n_tokens - mid, k, chunk_size) + mid <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def max_context_tokens(cfg: ExtEmbConfig, reserve: int | None = None) -> int:

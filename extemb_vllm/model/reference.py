@@ -1,7 +1,8 @@
 """A plain-transformers reference of the whole model: embedder + frozen Llama.
 
 Given a long input, the oldest tokens become compact embeddings (one per k tokens
-of each chunk), the most recent `raw_tail` tokens stay as token embeddings, and
+of each chunk), the most recent tokens (at least `raw_tail`, as many as the window
+holds) stay as token embeddings, and
 the frozen Llama reads `[compact..., raw...]` with consecutive position ids. This
 is the behaviour every other path (trainer, vLLM plug-in, Ray workers) must match.
 """
@@ -36,11 +37,12 @@ class ExtEmbLlamaForCausalLM(nn.Module):
         return int(self.llm.config.max_position_embeddings)
 
     def plan(self, n_tokens: int, k: int | None = None, raw_tail: int | None = None,
-             window: int | None = None, reserve: int = 0) -> CompressionPlan:
+             window: int | None = None, reserve: int = 0, fill_window: bool | None = None) -> CompressionPlan:
         window = self.ext.window if window is None else window
         if window > self.max_positions:
             raise ContextError(f"window {window} exceeds the base model's {self.max_positions} positions")
-        return plan_compression(n_tokens, self.ext, k=k, raw_tail=raw_tail, window=window, reserve=reserve)
+        return plan_compression(n_tokens, self.ext, k=k, raw_tail=raw_tail, window=window, reserve=reserve,
+                                fill_window=fill_window)
 
     def compact_embeddings(self, ids: torch.Tensor, k: int, cache: dict | None = None) -> torch.Tensor:
         """(slots, hidden) compact embeddings of 1-D `ids` (the part to compress)."""
@@ -72,8 +74,8 @@ class ExtEmbLlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, n_targets: int, k: int | None = None, raw_tail: int | None = None,
-              window: int | None = None, cache: dict | None = None,
-              compact_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, CompressionPlan]:
+              window: int | None = None, cache: dict | None = None, compact_ids: torch.Tensor | None = None,
+              fill_window: bool | None = None) -> tuple[torch.Tensor, CompressionPlan]:
         """Log-probabilities (n_targets,) of the last `n_targets` tokens of `ids` given all before them.
 
         The targets must lie in the raw tail; the first of them is predicted from
@@ -82,7 +84,7 @@ class ExtEmbLlamaForCausalLM(nn.Module):
         old context: the mismatched-context control.
         """
         ids = _as_ids(ids, self.device)
-        plan = self.plan(ids.numel(), k=k, raw_tail=raw_tail, window=window)
+        plan = self.plan(ids.numel(), k=k, raw_tail=raw_tail, window=window, fill_window=fill_window)
         if not 0 < n_targets < plan.llm_length or n_targets > plan.n_raw:
             raise ContextError(f"cannot score {n_targets} targets: the LLM input has {plan.llm_length} "
                                f"positions of which {plan.n_raw} raw")
@@ -98,10 +100,12 @@ class ExtEmbLlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int = 64, k: int | None = None,
-                 raw_tail: int | None = None, window: int | None = None, **gen_kwargs) -> tuple[torch.Tensor, CompressionPlan]:
+                 raw_tail: int | None = None, window: int | None = None, fill_window: bool | None = None,
+                 **gen_kwargs) -> tuple[torch.Tensor, CompressionPlan]:
         """New token ids (greedy unless sampling options are given) after a long input."""
         ids = _as_ids(ids, self.device)
-        plan = self.plan(ids.numel(), k=k, raw_tail=raw_tail, window=window, reserve=max_new_tokens)
+        plan = self.plan(ids.numel(), k=k, raw_tail=raw_tail, window=window, reserve=max_new_tokens,
+                         fill_window=fill_window)
         embeds = self.build_inputs(ids, plan)
         gen_kwargs.setdefault("do_sample", False)
         eos = self.llm.generation_config.eos_token_id

@@ -120,13 +120,13 @@ class ExtEmbRouter:
         self.llm = llm
 
     async def _payload(self, prompt_token_ids, context_token_ids=None, k=None, raw_tail=None, reserve=None,
-                       **sampling) -> bytes:
+                       fill_window=None, **sampling) -> bytes:
         """The same layout as the in-engine plug-in (BOS first, context, prompt; compressed
         chunks, raw tail), with the embedder running in its own pool."""
-        check_request_options({"k": k, "raw_tail": raw_tail, "reserve": reserve}, self.ext)
+        check_request_options({"k": k, "raw_tail": raw_tail, "reserve": reserve, "fill_window": fill_window}, self.ext)
         full = join_context(list(context_token_ids or []), list(prompt_token_ids), self.tokenizer.bos_token_id)
         reserve = self.ext.reserve if reserve is None else reserve
-        plan = plan_compression(len(full), self.ext, k=k, raw_tail=raw_tail, reserve=reserve)
+        plan = plan_compression(len(full), self.ext, k=k, raw_tail=raw_tail, reserve=reserve, fill_window=fill_window)
         context = None
         if plan.k is not None:
             hidden = await self.embedder.aencode([full[s:e] for s, e in plan.chunks])
@@ -136,7 +136,7 @@ class ExtEmbRouter:
 
     async def generate(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
                        **options) -> wire.GenerateResult:
-        """options: k, raw_tail, reserve, and wire.GenerateRequest's sampling fields."""
+        """options: k, raw_tail, reserve, fill_window, and wire.GenerateRequest's sampling fields."""
         reply = await self.llm.generate.remote(await self._payload(prompt_token_ids, context_token_ids, **options))
         return wire.decode_reply(reply, wire.GenerateResult)
 

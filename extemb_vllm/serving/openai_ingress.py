@@ -4,7 +4,7 @@ Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (b
 with `stream`), and `POST /v1/contexts`, which registers a document once and returns
 an id that later requests name in `context_id` (with any `k`): its chunks are encoded
 on first use and served from the embedder workers' store afterwards. Per-request
-`k`, `raw_tail`, `reserve` and `context_id` ride in the body (the OpenAI client's
+`k`, `raw_tail`, `reserve`, `fill_window` and `context_id` ride in the body (the OpenAI client's
 `extra_body`); the layout options also in `mm_processor_kwargs`, as `vllm serve` takes
 them, so one request body works against both. With `api_keys` configured, a request
 needs `Authorization: Bearer <key>` and a document id is visible only to the key that
@@ -34,7 +34,7 @@ from .store import DocumentStore, UnknownDocument
 
 api = FastAPI(title="extemb-vllm (Ray)")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
-LAYOUT_KEYS = ("k", "raw_tail", "reserve")
+LAYOUT_KEYS = ("k", "raw_tail", "reserve", "fill_window")
 METRICS_TIMEOUT_S = 5.0
 # the other fields a request may carry (`stream_options` and `user` are accepted and ignored;
 # `n` other than 1 is refused); any field outside these sets is a 400
@@ -126,8 +126,9 @@ class OpenAIIngress:
         for name in ("max_tokens", "k", "raw_tail", "reserve", "seed"):
             if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
                 raise HTTPError(400, f"{name} must be an integer, got {opts[name]!r}")
-        if not isinstance(opts.get("ignore_eos", False), bool):
-            raise HTTPError(400, f"ignore_eos must be true or false, got {opts['ignore_eos']!r}")
+        for name in ("ignore_eos", "fill_window"):
+            if not isinstance(opts.get(name, False), bool):
+                raise HTTPError(400, f"{name} must be true or false, got {opts[name]!r}")
         for name in ("temperature", "top_p"):
             if name in opts:
                 if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)):

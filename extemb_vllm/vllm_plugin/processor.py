@@ -4,7 +4,8 @@ A request carries its long context as `multi_modal_data={"context": ...}`: text,
 `{"text": ...}`, `{"token_ids": [...]}`, or precomputed compact embeddings
 `{"embeds": tensor (n, hidden)}` (made elsewhere, e.g. by the Ray embedder
 workers; the prompt then holds the raw tail), optionally with `"k"`, `"raw_tail"`,
-`"reserve"` (positions kept free for generation; default the checkpoint's), also
+`"reserve"` (positions kept free for generation; default the checkpoint's) and
+`"fill_window"` (keep as many recent tokens raw as fit; default the checkpoint's), also
 accepted as `mm_processor_kwargs`. The processor lays out
 context + prompt exactly as the reference model does (same `plan_compression`):
 each compressed chunk becomes one multimodal item whose placeholder slots the
@@ -30,7 +31,7 @@ from ..model.config import check_request_options, join_context
 
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
-OPTION_KEYS = ("k", "raw_tail", "reserve")
+OPTION_KEYS = ("k", "raw_tail", "reserve", "fill_window")
 SOURCE_KEYS = ("text", "token_ids", "embeds")
 EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -110,7 +111,7 @@ class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
 
 
 def request_options(item, request_kwargs: Mapping[str, object], ext: ExtEmbConfig) -> dict:
-    """k / raw_tail / reserve of a request (the item's own override the request's), validated."""
+    """k / raw_tail / reserve / fill_window of a request (the item's own override the request's), validated."""
     opts = {k: request_kwargs[k] for k in OPTION_KEYS if request_kwargs.get(k) is not None}
     if isinstance(item, dict):
         opts.update({k: item[k] for k in OPTION_KEYS if item.get(k) is not None})
@@ -198,7 +199,7 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
             raise ContextError("empty context: there are no tokens to read")
         opts = request_options(item, inputs.hf_processor_mm_kwargs, ext)
         plan = plan_compression(len(full), ext, k=opts.get("k"), raw_tail=opts.get("raw_tail"),
-                                reserve=opts.get("reserve", ext.reserve))
+                                reserve=opts.get("reserve", ext.reserve), fill_window=opts.get("fill_window"))
         if plan.k is not None and self.info.precomputed_only:
             raise ContextError(f"this engine takes precomputed compact embeddings only (extemb_precomputed_only) and "
                                f"the input needs compressing ({len(full)} tokens > window {ext.window}): send the "
