@@ -148,6 +148,7 @@ def cmd_bench_serve(args):
 
     result = serve.run(args.model, contexts=args.contexts, requests=args.requests, gen=args.gen,
                        k=None if args.k == "auto" else int(args.k), raw_tail=args.raw_tail, engines=args.engines,
+                       fill_window=args.fill_window,
                        json_path=args.json, plot_path=args.plot)
     print(serve.format_table(result))
 
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen", type=int, default=16, help="generated tokens per request")
     p.add_argument("--k", default="16", help="k for the plug-in where it fits (else the smallest that fits), or auto")
     p.add_argument("--raw-tail", type=int, help="the plug-in's raw tail (default: the checkpoint's)")
+    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
+                   help="the plug-in keeps as many recent tokens raw as the window holds (default: the checkpoint's)")
     p.add_argument("--engines", nargs="+", default=["plug-in", "full", "truncated"],
                    choices=["plug-in", "full", "truncated"])
     p.add_argument("--json")

@@ -41,8 +41,8 @@ def catalogue(long_text: str, max_model_len: int, k_not_served: int = 12) -> lis
         BadInput("k negative", 400, "k must be >= 1", {"prompt": long_text, **kw(k=-4)}),
         BadInput("k not an integer", 400, "k must be an integer", {"prompt": long_text, **kw(k=2.5)}),
         BadInput("k outside the ladder", 400, "not served by this model", {"prompt": long_text, **kw(k=k_not_served)}),
-        BadInput("k too small for the window", 400, "does not fit",  # 0.9 x the limit at k=2: slots >> window
-                 {"prompt": [100] * (max_model_len * 9 // 10), **kw(k=2)}),
+        BadInput("k too small for the window", 400, "does not fit",  # 0.9 x the limit at k=4: slots >> window
+                 {"prompt": [100] * (max_model_len * 9 // 10), **kw(k=4)}),
         BadInput("raw_tail negative", 400, "raw_tail must be", {"prompt": long_text, **kw(raw_tail=-1)}),
         BadInput("fill_window not a boolean", 400, "fill_window must be true or false",
                  {"prompt": long_text, **kw(fill_window="yes")}),

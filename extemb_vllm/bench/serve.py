@@ -39,16 +39,16 @@ def _documents(contexts, n, vocab, seed=0) -> dict[int, list[list[int]]]:
     return {c: [rng.integers(lo, vocab, c).tolist() for _ in range(n)] for c in contexts}
 
 
-def _k_for(context: int, k, ext: ExtEmbConfig, raw_tail: int | None) -> int | None:
-    """The requested k where it fits this context, else the smallest ladder k that does (the
-    table says which k each row used)."""
+def _k_for(context: int, k, ext: ExtEmbConfig, raw_tail: int | None, fill_window: bool | None) -> int | None:
+    """The requested k where it fits this context, else the smallest ladder k that does; None
+    when nothing is compressed (the table says which k each row used)."""
+    opts = dict(raw_tail=raw_tail, reserve=ext.reserve, fill_window=fill_window)
     if k is not None:
         try:
-            plan_compression(context, ext, k=k, raw_tail=raw_tail, reserve=ext.reserve)
-            return k
+            return plan_compression(context, ext, k=k, **opts).k
         except ContextError:
             pass
-    return plan_compression(context, ext, raw_tail=raw_tail, reserve=ext.reserve).k  # None: all raw
+    return plan_compression(context, ext, **opts).k
 
 
 def _run_cell(llm, prompts, gen, doc_tokens):
@@ -84,7 +84,7 @@ def _warm_up(llm, prompts, gen):
 
 
 def run(model_dir="extemb-llama2", contexts=(2000, 4000, 8000, 16000, 32000, 64000), requests=4, gen=16, k=16,
-        raw_tail=None, engines=ENGINES, json_path=None, plot_path=None, progress=print) -> dict:
+        raw_tail=None, engines=ENGINES, json_path=None, plot_path=None, progress=print, fill_window=None) -> dict:
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -98,14 +98,16 @@ def run(model_dir="extemb-llama2", contexts=(2000, 4000, 8000, 16000, 32000, 640
     result = {"model": str(model_dir), "machine": machine(), "contexts": list(contexts), "requests": requests,
               "generated_per_request": gen, "k_requested": k, "window": ext.window,
               "raw_tail": ext.raw_tail if raw_tail is None else raw_tail, "chunk_size": ext.chunk_size, "base_positions": max_pos,
+              "fill_window": ext.fill_window if fill_window is None else fill_window,
               "question_tokens": len(question), "cells": []}
 
     def cells_for(engine, docs):
         for c in docs:
             prompts = [d + question for d in docs[c]]
             if engine == "plug-in":
-                kc = _k_for(len(prompts[0]), k, ext, raw_tail)
-                kwargs = {"k": kc, **({"raw_tail": raw_tail} if raw_tail is not None else {})}
+                kc = _k_for(len(prompts[0]), k, ext, raw_tail, fill_window)
+                kwargs = {"k": kc, "raw_tail": raw_tail, "fill_window": fill_window}
+                kwargs = {key: v for key, v in kwargs.items() if v is not None}
                 opts = {"mm_processor_kwargs": kwargs} if kc else {}
                 yield c, kc, [{"prompt_token_ids": p, **opts} for p in prompts]
             elif engine == "full":
@@ -152,7 +154,9 @@ def _add_ratios(result):
 def format_table(result) -> str:
     head = (f"{result['requests']} requests x (C-token document + {result['question_tokens']}-token question), "
             f"{result['generated_per_request']} generated each; plug-in window {result['window']}, raw tail "
-            f"{result['raw_tail']}, chunks of {result['chunk_size']}; {result['machine']}")
+            f"{'>= ' if result.get('fill_window') else ''}{result['raw_tail']}"
+            f"{' (window filled)' if result.get('fill_window') else ''}, chunks of {result['chunk_size']}; "
+            f"{result['machine']}")
     cols = (f"{'engine':<10}{'C':>7}{'k':>4}{'req/s':>9}{'doc tok/s':>11}{'gen tok/s':>10}{'TTFT p50':>10}"
             f"{'p99':>8}{'KV blk/req':>11}{'peak GiB':>9}{'x req/s':>9}{'x KV':>7}")
     lines = [head, f"full attention runs where C + question + generated <= the base's {result['base_positions']} "

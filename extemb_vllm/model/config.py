@@ -22,7 +22,9 @@ class ExtEmbConfig:
     # tokens per independently encoded chunk at inference: the chunk length the shipped
     # embedder is trained on (its outputs depend on positions inside the chunk)
     chunk_size: int = 512
-    k_ladder: tuple[int, ...] = (2, 4, 8, 16, 32)  # adaptive k picks the smallest that fits
+    # the k served; adaptive k picks the smallest that fits. The paper's ladder also has 2;
+    # the shipped embedder was trained on these (the trainer's --k-ladder), so these are served
+    k_ladder: tuple[int, ...] = (4, 8, 16, 32)
     window: int = 4096  # positions the LLM sees: compact slots + raw tail (+ generated tokens)
     raw_tail: int = 1024  # fewest most recent tokens kept as normal token embeddings
     reserve: int = 256  # window positions a server keeps free for generated tokens by default
