@@ -8,6 +8,7 @@ every machine gets the same split and quality is reported on held-out text.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import struct
 import subprocess
@@ -130,9 +131,14 @@ def prepare(root: str | Path = "data", sources=("shakespeare",)) -> Path:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             docs = SOURCES[src](Path(tmp))
-        for name, text in docs.items():
+            # the registries serve their newest release: record which one these texts came from
+            packages = sorted(f.name for f in Path(tmp).iterdir() if f.is_file())
+        digest = hashlib.sha256()
+        for name, text in sorted(docs.items()):
             split = "heldout" if is_heldout(name) else "train"
             (root / src / split).mkdir(parents=True, exist_ok=True)
             (root / src / split / f"{name}.txt").write_text(text, encoding="utf-8")
-        done.write_text(f"{len(docs)} documents\n")
+            digest.update(f"{split}/{name}\n{text}".encode())
+        done.write_text(json.dumps({"documents": len(docs), "packages": packages,
+                                    "sha256": digest.hexdigest()}, indent=2) + "\n")
     return root
