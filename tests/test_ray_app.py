@@ -236,8 +236,8 @@ _scalar = (st.none() | st.booleans() | st.integers(-10**9, 10**9) | st.text(max_
            | st.floats(allow_nan=False, allow_infinity=False))  # (NaN / inf are not JSON: see the catalogue)
 _json = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
-_fields = ["prompt", "max_tokens", "k", "raw_tail", "reserve", "temperature", "top_p", "seed", "stream", "n",
-           "context_id", "mm_processor_kwargs", "ignore_eos", "model", "bogus"]
+_fields = ["prompt", "max_tokens", "k", "raw_tail", "reserve", "fill_window", "temperature", "top_p", "seed", "stream",
+           "n", "context_id", "mm_processor_kwargs", "ignore_eos", "model", "bogus"]
 
 
 @pytest.mark.slow
