@@ -173,6 +173,12 @@ def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, t
     assert rec["steps"] == 2 and rec["samples"] == 4 and rec["training_tokens"] == 4 * 48
     assert sum(rec["k_seen"].values()) == 4 and rec["sessions"][0]["step"] == 0 and rec["sessions"][0]["machine"]
     assert rec["heldout_eval_last"]["step"] == 2 and rec["note"] == "test"
+    assert rec["initialised_from"] is None and rec["samples_total"] == 4
+    # a run that continues exported weights carries their record along, and counts their samples
+    (tmp_path / "second").mkdir()
+    run2 = train(_tiny_train_config(tiny_checkpoint, tmp_path / "second", steps=1, init_embedder=str(out)))
+    rec2 = json.loads(export_embedder(run2, tmp_path / "ship2" / "emb.safetensors").with_suffix(".json").read_text())
+    assert rec2["initialised_from"]["sha256"] == rec["sha256"] and rec2["samples_total"] == 4 + 2
     shipped, trained = load_file(str(out)), load_file(str(run / "embedder.safetensors"))
     assert shipped.keys() == trained.keys() and all(v.dtype == torch.bfloat16 for v in shipped.values())
     # a checkpoint built with them carries the trained weights (to bf16 precision)

@@ -2,8 +2,8 @@
 
 The record says what the weights are (digest, size, base model, ExtEmb settings) and
 how they came to be (the run's command settings, steps, samples and tokens seen, the
-machines it ran on, its held-out losses), so a shipped file can always be traced back
-to its run. `extemb build` picks up the file at `SHIPPED_EMBEDDER` for the embedded
+machines it ran on, its held-out losses, and the record of the weights it started from
+when it continued earlier ones), so a shipped file can always be traced back to its runs. `extemb build` picks up the file at `SHIPPED_EMBEDDER` for the embedded
 default; `--out` elsewhere exports for any other checkpoint.
 """
 
@@ -39,6 +39,8 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
     if not trained:
         raise ValueError(f"{run_dir} has no training step yet")
     evals = [r for r in log if r["kind"] == "eval"]
+    # read before writing: a run that continued the shipped weights is about to replace them
+    parent = parent_record(cfg.get("init_embedder"))
 
     with safe_open(str(run_dir / "embedder.safetensors"), "pt") as f:
         metadata = f.metadata() or {}
@@ -66,13 +68,30 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
         "steps": step,
         "samples": trained[-1]["samples"],
         "training_tokens": trained[-1]["samples"] * cfg["sample_len"],
+        # with the runs these weights continued (`initialised_from`)
+        "samples_total": trained[-1]["samples"] + (parent or {}).get("samples_total", (parent or {}).get("samples", 0)),
         "k_seen": {str(k): sum(r["ks"].count(k) for r in trained) for k in cfg["k_ladder"]},
         "sessions": [{k: r.get(k) for k in ("step", "samples", "machine", "device", "started_at", "config")}
                      for r in log if r["kind"] == "session"],
         "heldout_reference": next((r for r in log if r["kind"] == "reference"), None),
         "heldout_eval_first": evals[0] if evals else None,
         "heldout_eval_last": evals[-1] if evals else None,
+        "initialised_from": parent,
         "note": note,
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def parent_record(init_embedder: str | None) -> dict | None:
+    """The record of the weights a run started from (--init-embedder), if they have one that
+    still matches them; None for a run from the base's own layers."""
+    if not init_embedder:
+        return None
+    path = Path(init_embedder)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    rec_path = path.with_suffix(".json")
+    rec = json.loads(rec_path.read_text()) if rec_path.exists() else None
+    if rec is None or rec.get("sha256") != sha:
+        return {"weights": str(path), "sha256": sha, "note": "no record of these weights"}
+    return rec
