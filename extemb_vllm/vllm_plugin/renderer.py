@@ -53,7 +53,8 @@ class ExtEmbRenderer(HfRenderer):
         ids = prompt["prompt_token_ids"]
         opts = request_options(None, prompt.get("mm_processor_kwargs") or {}, self.ext)
         fits = len(ids) <= self.ext.window - opts.get("reserve", self.ext.reserve)
-        if len(ids) < 2 or (fits and opts.get("k") is None):  # a given k compresses even what fits
+        # a given k may compress even what fits (with fill_window off): the processor decides
+        if len(ids) < 2 or (fits and opts.get("k") is None):
             return prompt
         # everything but the last token is "context"; the processor plans over both exactly
         # as the reference model plans over the whole prompt
