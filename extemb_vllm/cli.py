@@ -132,14 +132,14 @@ def cmd_train(args):
                       k_ladder=args.k_ladder, steps=args.steps, accum=args.accum, lr=args.lr, warmup=args.warmup,
                       eval_every=args.eval_every, eval_samples=args.eval_samples, eval_ks=args.eval_ks,
                       save_every=args.save_every, device=args.device, seed=args.seed, cache_dir=args.cache_dir,
-                      bf16=args.bf16)
+                      bf16=args.bf16, ema=args.ema)
     print(train(cfg, resume=args.resume))
 
 
 def cmd_export(args):
     from .train.export import export_embedder
 
-    out = export_embedder(args.run, args.out, note=args.note)
+    out = export_embedder(args.run, args.out, note=args.note, ema=args.ema)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out.with_suffix('.json')}")
 
 
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="data/cache")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA only; on CPU it pays only with AVX-512-BF16/AMX)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="keep, evaluate and save a moving average of the weights with this decay (e.g. 0.98)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(fn=cmd_train)
 
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the run directory of `extemb train --out`")
     p.add_argument("--out", default=None, help="weights file (default: the package's shipped default embedder)")
     p.add_argument("--note", default="", help="free text for the record (e.g. where earlier steps ran)")
+    p.add_argument("--ema", action="store_true", help="ship the run's moving average of the weights (train --ema)")
     p.set_defaults(fn=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks against plain vLLM, in one run").add_subparsers(

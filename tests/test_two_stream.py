@@ -127,6 +127,31 @@ def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
     assert [r["step"] for r in recs2 if r["kind"] == "train"] == [1]
 
 
+def test_moving_average_of_the_weights_is_evaluated_saved_resumed_and_exported(tiny_checkpoint, tmp_path):
+    """--ema: the average is evaluated beside the live weights, saved, carried across --resume, and
+    `extemb export --ema` ships it with a record that says so."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from extemb_vllm.train.export import export_embedder
+    from extemb_vllm.train.trainer import EMA_WEIGHTS, train
+
+    cfg = _tiny_train_config(tiny_checkpoint, tmp_path, steps=2, ema=0.5)
+    out = train(cfg)
+    evals = [r for r in map(json.loads, open(out / "log.jsonl")) if r["kind"] == "eval"]
+    assert [set(r) >= {"loss_by_k", "ema_loss_by_k"} for r in evals] == [True, True]
+    live, avg = load_file(str(out / "embedder.safetensors")), load_file(str(out / EMA_WEIGHTS))
+    assert live.keys() == avg.keys() and any(not torch.equal(live[k], avg[k]) for k in live)
+    cfg.steps = 4
+    train(cfg, resume=True)
+    assert torch.load(out / "train-state.pt", weights_only=True)["ema_updates"] == 4  # counted across the resume
+    rec = json.loads(export_embedder(out, tmp_path / "ship" / "e.safetensors", ema=True).with_suffix(".json").read_text())
+    assert rec["averaged"] == {"decay": 0.5, "updates": 4}
+    shipped, avg = load_file(str(tmp_path / "ship" / "e.safetensors")), load_file(str(out / EMA_WEIGHTS))
+    assert all(torch.equal(shipped[k], avg[k].to(torch.bfloat16)) for k in avg)
+
+
 @pytest.mark.slow
 def test_loss_goes_down_on_real_text(smollm2_checkpoint, heldout_texts):
     """A few optimiser steps on one real-text sample lower its two-stream loss (SmolLM2, fp32)."""

@@ -19,11 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..model.checkpoint import BUILD_INFO, DEFAULT_GGUF_FILE, SHIPPED_EMBEDDER
+from .trainer import EMA_WEIGHTS
 
 MAX_SHIPPED_BYTES = 64 * 2**20  # what the package may carry
 
 
-def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: str = "") -> Path:
+def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: str = "", ema: bool = False) -> Path:
+    """`ema`: ship the run's moving average of the weights (`extemb train --ema`) instead of the live ones."""
     run_dir, out = Path(run_dir), Path(out) if out else SHIPPED_EMBEDDER
     shipping = out.resolve() == SHIPPED_EMBEDDER.resolve()  # into the package, as the default's embedder
     cfg = json.loads((run_dir / "train-config.json").read_text())
@@ -33,7 +35,11 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
         raise ValueError(f"{run_dir} trained the embedder of {info['source']}, not of the embedded default "
                          f"({DEFAULT_GGUF_FILE}): export it with --out elsewhere")
     # the weights are those of the last checkpoint; the log may run a little past it
-    step = int(torch.load(run_dir / "train-state.pt", weights_only=True)["step"])
+    state = torch.load(run_dir / "train-state.pt", weights_only=True)
+    step = int(state["step"])
+    weights = run_dir / (EMA_WEIGHTS if ema else "embedder.safetensors")
+    if ema and not weights.exists():
+        raise FileNotFoundError(f"{run_dir} keeps no moving average of its weights (train it with --ema)")
     log = [r for r in map(json.loads, open(run_dir / "log.jsonl")) if r["step"] <= step]
     trained = [r for r in log if r["kind"] == "train"]
     if not trained:
@@ -42,7 +48,7 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
     # read before writing: a run that continued the shipped weights is about to replace them
     parent = parent_record(cfg.get("init_embedder"))
 
-    with safe_open(str(run_dir / "embedder.safetensors"), "pt") as f:
+    with safe_open(str(weights), "pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k).to(torch.bfloat16).contiguous() for k in f.keys()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +72,8 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
         "run": str(run_dir),
         "train_config": cfg,
         "steps": step,
+        # which weights of the run these are: the live ones, or their moving average
+        "averaged": {"decay": cfg.get("ema"), "updates": int(state.get("ema_updates", 0))} if ema else None,
         "samples": trained[-1]["samples"],
         "training_tokens": trained[-1]["samples"] * cfg["sample_len"],
         # with the runs these weights continued (`initialised_from`)

@@ -2,7 +2,9 @@
 
 One command on CPU and CUDA (bf16 autocast + gradient checkpointing on CUDA, fp32
 on CPU unless --bf16: worth it only on CPUs with bf16 instructions, AVX-512-BF16/AMX), gradient accumulation, checkpoints with --resume, a JSON-lines log, a
-loss-curve PNG and held-out evaluation every N steps. The instruction-tuning
+loss-curve PNG and held-out evaluation every N steps, and optionally an exponential
+moving average of the embedder's weights (--ema), evaluated and saved beside the live
+ones: with one sample per update the live weights jitter. The instruction-tuning
 stage is the same command on another data path, started from the first stage's
 embedder (--init-embedder).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from ..machine import machine
 from ..model.checkpoint import load_embedder_weights, load_model, save_embedder_weights
 from .data import WindowSampler, split_documents, tokenize_cached
 from .two_stream import two_stream_forward
+
+EMA_WEIGHTS = "embedder-ema.safetensors"  # the moving average of the weights, beside embedder.safetensors
 
 
 @dataclass
@@ -49,6 +54,7 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast and a bf16 frozen LLM; default: on CUDA
     seed: int = 0
     cache_dir: str = "data/cache"
+    ema: float = 0.0  # decay of the weights' moving average (0: none), e.g. 0.98: ~50 updates
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -80,6 +86,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     params = [p for p in model.embedder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(model.embedder,
+                                                  multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     step = samples = 0
     state_file = out / "train-state.pt"
@@ -93,6 +103,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         sampler.rng.bit_generator.state = rngs["sampler"]
         k_rng.bit_generator.state = rngs["k"]
         samples = _rewind_log(out / "log.jsonl", step, state.get("samples"))
+        if ema is not None and (out / EMA_WEIGHTS).exists():  # else the average starts here
+            load_embedder_weights(ema.module, out / EMA_WEIGHTS)
+            ema.n_averaged.fill_(int(state.get("ema_updates", 1)))
         print(f"[extemb] resumed {out} at step {step} ({samples} samples)")
     elif not resume:
         (out / "log.jsonl").unlink(missing_ok=True)
@@ -106,7 +119,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if step == 0 and eval_set:
         refs = reference_losses(model, eval_set, cfg.chunk_len, bf16)
         _log(log, {"step": 0, "samples": 0, "kind": "reference", **refs})
-        _log(log, {"step": 0, "samples": 0, "kind": "eval", "loss_by_k": evaluate(model, eval_set, cfg, bf16)})
+        _log(log, {"step": 0, "samples": 0, "kind": "eval", **_evaluate_both(model, ema, eval_set, cfg, bf16)})
 
     bar = tqdm(total=cfg.steps, initial=step, desc="training embedder", unit="step")
     while step < cfg.steps:
@@ -125,6 +138,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(model.embedder)
         step += 1
         dt = time.perf_counter() - t0
         rec = {"step": step, "samples": samples, "kind": "train", "loss": float(np.mean(losses)),
@@ -134,27 +149,36 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         bar.update()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
-            ev = evaluate(model, eval_set, cfg, bf16)
-            _log(log, {"step": step, "samples": samples, "kind": "eval", "loss_by_k": ev})
-            bar.write(f"step {step}: held-out loss " + ", ".join(f"k={k} {v:.4f}" for k, v in ev.items()))
+            ev = _evaluate_both(model, ema, eval_set, cfg, bf16)
+            _log(log, {"step": step, "samples": samples, "kind": "eval", **ev})
+            bar.write(f"step {step}: held-out loss " + "; ".join(
+                f"{name} " + ", ".join(f"k={k} {v:.4f}" for k, v in ev[key].items())
+                for name, key in (("live", "loss_by_k"), ("ema", "ema_loss_by_k")) if key in ev))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            _save(model, opt, sched, step, samples, sampler, k_rng, out)
+            _save(model, opt, sched, step, samples, sampler, k_rng, out, ema)
             plot_curves(out / "log.jsonl", out / "loss.png")
     bar.close()
     log.close()
     return out
 
 
-def _save(model, opt, sched, step, samples, sampler, k_rng, out: Path):
+def _save(model, opt, sched, step, samples, sampler, k_rng, out: Path, ema=None):
     # write-then-rename: an interrupted save never leaves a half-written checkpoint
-    save_embedder_weights(model.embedder, out / "embedder.tmp.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "samples": samples},
-               out / "train-state.tmp.pt")
-    (out / "rng.tmp.json").write_text(json.dumps({"sampler": sampler.rng.bit_generator.state,
-                                                  "k": k_rng.bit_generator.state}))
-    for name in ("embedder.safetensors", "train-state.pt", "rng.json"):
+    def tmp(name: str) -> Path:
         stem, ext = name.split(".", 1)
-        (out / f"{stem}.tmp.{ext}").replace(out / name)
+        return out / f"{stem}.tmp.{ext}"
+
+    names = ["embedder.safetensors", "train-state.pt", "rng.json"]
+    save_embedder_weights(model.embedder, tmp("embedder.safetensors"))
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "samples": samples}
+    if ema is not None:
+        save_embedder_weights(ema.module, tmp(EMA_WEIGHTS))
+        state["ema_updates"] = int(ema.n_averaged)
+        names.append(EMA_WEIGHTS)
+    torch.save(state, tmp("train-state.pt"))
+    tmp("rng.json").write_text(json.dumps({"sampler": sampler.rng.bit_generator.state, "k": k_rng.bit_generator.state}))
+    for name in names:
+        tmp(name).replace(out / name)
 
 
 def _rewind_log(path: Path, step: int, samples: int | None) -> int:
@@ -182,6 +206,24 @@ def _is_context_target(t: torch.Tensor, chunk_len: int) -> torch.Tensor:
 def _context_targets(n_tokens: int, chunk_len: int, device) -> torch.Tensor:
     t = torch.arange(n_tokens, device=device)
     return t[_is_context_target(t, chunk_len)]
+
+
+@contextmanager
+def _embedder_swapped(model, embedder):
+    live, model.embedder = model.embedder, embedder
+    try:
+        yield
+    finally:
+        model.embedder = live
+
+
+def _evaluate_both(model, ema, samples, cfg: TrainConfig, bf16: bool) -> dict:
+    """The eval record: the live weights' held-out losses, and the moving average's if there is one."""
+    rec = {"loss_by_k": evaluate(model, samples, cfg, bf16)}
+    if ema is not None:
+        with _embedder_swapped(model, ema.module):
+            rec["ema_loss_by_k"] = evaluate(model, samples, cfg, bf16)
+    return rec
 
 
 @torch.no_grad()
@@ -238,8 +280,13 @@ def plot_curves(log_path: Path, png: Path):
     a.set_ylabel("two-stream loss (all tokens, k sampled)")
     a.legend()
     a.grid(alpha=0.3)
-    for k in sorted({k for r in evals for k in r["loss_by_k"]}, key=int):
-        b.plot([r["samples"] for r in evals], [r["loss_by_k"][k] for r in evals], "o-", label=f"held-out, k={k}")
+    for i, k in enumerate(sorted({k for r in evals for k in r["loss_by_k"]}, key=int)):
+        b.plot([r["samples"] for r in evals], [r["loss_by_k"][k] for r in evals], "o-", color=f"C{i}",
+               label=f"held-out, k={k}")
+        avg = [r for r in evals if "ema_loss_by_k" in r]
+        if avg:
+            b.plot([r["samples"] for r in avg], [r["ema_loss_by_k"][k] for r in avg], "s--", color=f"C{i}",
+                   markersize=3, label=f"held-out, k={k}, weights' moving average")
     if refs:
         b.axhline(refs["full_context"], color="g", ls="--", label="full raw context")
         b.axhline(refs["no_context"], color="r", ls="--", label="no context")
