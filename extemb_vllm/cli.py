@@ -201,6 +201,11 @@ def _model_args(p):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
+def _fill_window_arg(p, default="the checkpoint's"):
+    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"keep as many recent tokens raw as the window holds beside the slots (default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="extemb", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -214,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-ladder", type=_ints)
     p.add_argument("--window", type=int)
     p.add_argument("--raw-tail", type=int, help="fewest recent tokens kept raw")
-    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep as many more raw as the window holds (default: on)")
+    _fill_window_arg(p, default="on")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     p.add_argument("--force", action="store_true", help="rebuild even if the directory is up to date")
     p.set_defaults(fn=cmd_build)
@@ -233,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=lambda s: s.split(","), default=["8", "16", "32", "auto"])
     p.add_argument("--window", type=int, help="LLM window W (default: the checkpoint's)")
     p.add_argument("--raw-tail", type=int, help="raw tokens per scored block (default: the checkpoint's)")
-    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep as many recent tokens raw as the window holds (default: the checkpoint's)")
+    _fill_window_arg(p)
     p.add_argument("--spans", type=int, default=8)
     p.add_argument("--score-tokens", type=int, default=1024)
     p.add_argument("--mismatched", action="store_true", help="add the mismatched-context control for each k")
@@ -250,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--window", type=int)
     p.add_argument("--raw-tail", type=int)
-    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep as many recent tokens raw as the window holds (default: the checkpoint's)")
+    _fill_window_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     p.add_argument("--plot")
@@ -301,8 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen", type=int, default=16, help="generated tokens per request")
     p.add_argument("--k", default="16", help="k for the plug-in where it fits (else the smallest that fits), or auto")
     p.add_argument("--raw-tail", type=int, help="the plug-in's raw tail (default: the checkpoint's)")
-    p.add_argument("--fill-window", action=argparse.BooleanOptionalAction, default=None,
-                   help="the plug-in keeps as many recent tokens raw as the window holds (default: the checkpoint's)")
+    _fill_window_arg(p)
     p.add_argument("--engines", nargs="+", default=["plug-in", "full", "truncated"],
                    choices=["plug-in", "full", "truncated"])
     p.add_argument("--json")
