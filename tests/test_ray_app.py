@@ -123,12 +123,13 @@ def test_openai_client_same_answers_as_the_in_engine_plug_in(app_port, in_engine
     client = _client(app_port)
     assert client.models.list().data[0].id == "tiny-extemb"
     ids = _ids(200, 47)
+    # the raw tail fills the window up to `reserve`, so exactly `reserve` tokens can be generated
     want = in_engine.generate([{"prompt_token_ids": ids, "mm_processor_kwargs": {"k": 8, "reserve": 4}}],
-                              SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0].outputs[0].text
-    r = client.completions.create(model="tiny-extemb", prompt=ids, max_tokens=6, temperature=0,
+                              SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0].outputs[0].text
+    r = client.completions.create(model="tiny-extemb", prompt=ids, max_tokens=4, temperature=0,
                                   extra_body={"k": 8, "reserve": 4})
-    assert r.choices[0].text == want and r.usage.completion_tokens == 6
-    streamed = client.completions.create(model="tiny-extemb", prompt=ids, max_tokens=6, temperature=0, stream=True,
+    assert r.choices[0].text == want and r.usage.completion_tokens == 4 and r.usage.prompt_tokens == 60
+    streamed = client.completions.create(model="tiny-extemb", prompt=ids, max_tokens=4, temperature=0, stream=True,
                                          extra_body={"k": 8, "reserve": 4})
     assert "".join(c.choices[0].text for c in streamed) == want
 

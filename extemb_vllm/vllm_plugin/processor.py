@@ -107,7 +107,9 @@ class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
             return {MODALITY: {"embeds": torch.zeros(rows, self.info.get_hf_config().hidden_size), "reserve": 0}}
         k = ext.k_ladder[0]
         n = min(ext.chunk_size, (ext.window - 1) * k, (seq_len - 1) * k)
-        return {MODALITY: {"token_ids": [PLACEHOLDER_TOKEN_ID] * (n + 1), "k": k, "raw_tail": 1, "reserve": 0}}
+        # fill_window off: a filled window would keep this short input raw, leaving nothing to profile
+        return {MODALITY: {"token_ids": [PLACEHOLDER_TOKEN_ID] * (n + 1), "k": k, "raw_tail": 1, "reserve": 0,
+                           "fill_window": False}}
 
 
 def request_options(item, request_kwargs: Mapping[str, object], ext: ExtEmbConfig) -> dict:
