@@ -180,29 +180,62 @@ def write_json(results, path, meta: dict):
         json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
 
 
+def _yerr(rs):
+    """Asymmetric error bars from the bootstrap interval (none where it is undefined)."""
+    return [[r.ppl - r.ci_low if r.ci_low is not None and not math.isnan(r.ci_low) else 0 for r in rs],
+            [r.ci_high - r.ppl if r.ci_high is not None and not math.isnan(r.ci_high) else 0 for r in rs]]
+
+
 def plot(results: list[PplResult], path: str, title: str = ""):
+    """Perplexity by context length (one row per method when there is one length) and, where
+    measured, the share of full attention's gain each compressed method recovers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in dict.fromkeys(r.method for r in results):
-        rs = [r for r in results if r.method == m and r.ppl is not None]
-        if not rs:
-            continue
-        xs = [r.length for r in rs]
-        ys = [r.ppl for r in rs]
-        err = [[max(0.0, r.ppl - r.ci_low) if not math.isnan(r.ci_low) else 0 for r in rs],
-               [max(0.0, r.ci_high - r.ppl) if not math.isnan(r.ci_high) else 0 for r in rs]]
-        style = "--" if m.endswith("mismatched") else "-"
-        ax.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=m, markersize=4)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("total tokens (context + scored)")
-    ax.set_ylabel("perplexity of the scored tokens")
+    scored = [r for r in results if r.ppl is not None]
+    methods = list(dict.fromkeys(r.method for r in scored))
+    lengths = sorted({r.length for r in scored})
+    gains = [r for r in scored if r.gain_fraction is not None]
+    fig, axes = plt.subplots(1, 2 if gains else 1, figsize=(12 if gains else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    if len(lengths) == 1:  # stacked points at one x hide each other: one row per method instead
+        ax.errorbar([r.ppl for r in scored], range(len(scored)), xerr=_yerr(scored), fmt="o", capsize=3)
+        ax.set_yticks(range(len(scored)), [r.method for r in scored])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"perplexity of the scored tokens (total {lengths[0]} tokens, 95% interval)")
+    else:
+        for m in methods:
+            rs = [r for r in scored if r.method == m]
+            style = "--" if m.endswith("mismatched") else "-"
+            ax.errorbar([r.length for r in rs], [r.ppl for r in rs], yerr=_yerr(rs), fmt=style + "o", capsize=3,
+                        label=m, markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("total tokens (context + scored)")
+        ax.set_ylabel("perplexity of the scored tokens")
+        ax.legend(fontsize=8)
     ax.set_title(title or "perplexity by context length")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if gains:
+        ax = axes[0][1]
+        gain_methods = list(dict.fromkeys(r.method for r in gains))
+        width = 0.8 / len(lengths)
+        for j, length in enumerate(lengths):
+            rs = {r.method: r for r in gains if r.length == length}
+            xs = [i + j * width for i, m in enumerate(gain_methods) if m in rs]
+            cells = [rs[m] for m in gain_methods if m in rs]
+            err = [[100 * (r.gain_fraction - r.gain_low) for r in cells],
+                   [100 * (r.gain_high - r.gain_fraction) for r in cells]]
+            ax.bar(xs, [100 * r.gain_fraction for r in cells], width, yerr=err, capsize=3, label=f"{length} tokens")
+        ax.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(gain_methods))], gain_methods,
+                      rotation=20)
+        ax.axhline(0, color="black", lw=1, ls="--", label="truncated (0%)")
+        ax.axhline(100, color="gray", lw=1, ls=":", label="full attention (100%)")
+        ax.set_ylabel("share of full attention's gain over truncation (%)")
+        ax.set_title("what the compact slots recover (95% paired interval)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

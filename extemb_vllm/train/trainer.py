@@ -298,7 +298,7 @@ def plot_curves(log_path: Path, png: Path):
             a.annotate(f"resumed: accum {r['config']['accum']}, lr {r['config']['lr']:g}", (r["samples"], 1.0),
                        xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points", fontsize=7)
     b.set_xlabel("samples seen")
-    b.set_ylabel("held-out loss, chunks 1..")
+    b.set_ylabel("held-out loss (chunks after the first)")
     b.legend(fontsize=8)
     b.grid(alpha=0.3)
     fig.tight_layout()
