@@ -182,8 +182,12 @@ def write_json(results, path, meta: dict):
 
 def _yerr(rs):
     """Asymmetric error bars from the bootstrap interval (none where it is undefined)."""
-    return [[r.ppl - r.ci_low if r.ci_low is not None and not math.isnan(r.ci_low) else 0 for r in rs],
-            [r.ci_high - r.ppl if r.ci_high is not None and not math.isnan(r.ci_high) else 0 for r in rs]]
+    def ok(x):
+        return x is not None and not math.isnan(x)
+
+    # max(0, .): a percentile interval need not contain the point estimate, and matplotlib refuses negative bars
+    return [[max(0.0, r.ppl - r.ci_low) if ok(r.ci_low) else 0 for r in rs],
+            [max(0.0, r.ci_high - r.ppl) if ok(r.ci_high) else 0 for r in rs]]
 
 
 def plot(results: list[PplResult], path: str, title: str = ""):
@@ -225,8 +229,8 @@ def plot(results: list[PplResult], path: str, title: str = ""):
             rs = {r.method: r for r in gains if r.length == length}
             xs = [i + j * width for i, m in enumerate(gain_methods) if m in rs]
             cells = [rs[m] for m in gain_methods if m in rs]
-            err = [[100 * (r.gain_fraction - r.gain_low) for r in cells],
-                   [100 * (r.gain_high - r.gain_fraction) for r in cells]]
+            err = [[100 * max(0.0, r.gain_fraction - r.gain_low) for r in cells],
+                   [100 * max(0.0, r.gain_high - r.gain_fraction) for r in cells]]
             ax.bar(xs, [100 * r.gain_fraction for r in cells], width, yerr=err, capsize=3, label=f"{length} tokens")
         ax.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(gain_methods))], gain_methods,
                       rotation=20)
