@@ -212,3 +212,7 @@ def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, t
     body = model.embedder.body.state_dict()
     for name, ref in trained.items():
         torch.testing.assert_close(body[name.removeprefix("embedder.")].float(), ref.to(torch.bfloat16).float())
+    # shipped over the very file it started from, and shipped again: still traced to that file's run
+    for _ in range(2):
+        rec3 = json.loads(export_embedder(run2, out).with_suffix(".json").read_text())
+        assert rec3["initialised_from"]["sha256"] == rec["sha256"] and rec3["samples_total"] == 4 + 2

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..model.checkpoint import BUILD_INFO, DEFAULT_GGUF_FILE, SHIPPED_EMBEDDER
-from .trainer import EMA_WEIGHTS
+from .trainer import EMA_WEIGHTS, INIT_RECORD, parent_record
 
 MAX_SHIPPED_BYTES = 64 * 2**20  # what the package may carry
 
@@ -45,8 +45,10 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
     if not trained:
         raise ValueError(f"{run_dir} has no training step yet")
     evals = [r for r in log if r["kind"] == "eval"]
-    # read before writing: a run that continued the shipped weights is about to replace them
-    parent = parent_record(cfg.get("init_embedder"))
+    # taken when the run started (a run that continued the shipped weights replaces them on
+    # export); runs older than that record are read from the file itself, before writing
+    init = run_dir / INIT_RECORD
+    parent = json.loads(init.read_text()) if init.exists() else parent_record(cfg.get("init_embedder"))
 
     with safe_open(str(weights), "pt") as f:
         metadata = f.metadata() or {}
@@ -89,17 +91,3 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return out
-
-
-def parent_record(init_embedder: str | None) -> dict | None:
-    """The record of the weights a run started from (--init-embedder), if they have one that
-    still matches them; None for a run from the base's own layers."""
-    if not init_embedder:
-        return None
-    path = Path(init_embedder)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    rec_path = path.with_suffix(".json")
-    rec = json.loads(rec_path.read_text()) if rec_path.exists() else None
-    if rec is None or rec.get("sha256") != sha:
-        return {"weights": str(path), "sha256": sha, "note": "no record of these weights"}
-    return rec

@@ -11,6 +11,7 @@ embedder (--init-embedder).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -27,6 +28,21 @@ from .data import WindowSampler, split_documents, tokenize_cached
 from .two_stream import two_stream_forward
 
 EMA_WEIGHTS = "embedder-ema.safetensors"  # the moving average of the weights, beside embedder.safetensors
+INIT_RECORD = "initialised-from.json"  # the record of the --init-embedder weights, taken when the run starts
+
+
+def parent_record(init_embedder: str | None) -> dict | None:
+    """The record of the weights a run starts from (--init-embedder), if they have one that
+    still matches them; None for a run from the base's own layers."""
+    if not init_embedder:
+        return None
+    path = Path(init_embedder)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    rec_path = path.with_suffix(".json")
+    rec = json.loads(rec_path.read_text()) if rec_path.exists() else None
+    if rec is None or rec.get("sha256") != sha:
+        return {"weights": str(path), "sha256": sha, "note": "no record of these weights"}
+    return rec
 
 
 @dataclass
@@ -109,6 +125,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         print(f"[extemb] resumed {out} at step {step} ({samples} samples)")
     elif not resume:
         (out / "log.jsonl").unlink(missing_ok=True)
+    if step == 0:  # recorded now: exporting this run may later overwrite the file it started from
+        (out / INIT_RECORD).write_text(json.dumps(parent_record(cfg.init_embedder), indent=2) + "\n")
     (out / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     log = open(out / "log.jsonl", "a")
