@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from extemb_vllm.eval import passkey, ppl
-from extemb_vllm.eval.stats import gain_fraction_with_interval, perplexity_with_interval
+from extemb_vllm.eval.stats import (
+    change_vs_baseline_with_interval,
+    gain_fraction_with_interval,
+    perplexity_with_interval,
+)
 from extemb_vllm.eval.texts import cut_spans
 
 from .conftest import ROOT, TINY_TEXT
@@ -54,6 +58,19 @@ def test_gain_fraction_is_paired_and_anchored_at_baseline_and_full():
         gain_fraction_with_interval(base, full, half[:-1], counts)
 
 
+def test_change_vs_baseline_is_paired():
+    rng = np.random.default_rng(1)
+    counts = np.full(40, 100)
+    base = rng.normal(330, 30, 40)
+    better = base - 3 + rng.normal(0, 0.5, 40)  # 3 nats per 100-token block better: about -3%
+    c, lo, hi = change_vs_baseline_with_interval(base, better, counts)
+    assert c == pytest.approx(math.exp(better.sum() / 4000) / math.exp(base.sum() / 4000) - 1)
+    assert lo < c < hi < 0  # paired: decidably better although the levels' intervals overlap
+    assert change_vs_baseline_with_interval(base, base, counts)[:1] == (0.0,)
+    with pytest.raises(ValueError, match="same blocks"):
+        change_vs_baseline_with_interval(base, better[:-1], counts)
+
+
 def test_ppl_tiny(tiny, tmp_path):
     model, tok = tiny
     text = tmp_path / "t.txt"
@@ -76,6 +93,12 @@ def test_ppl_tiny(tiny, tmp_path):
     # the compressed runs at 128 carry their share of full attention's gain (same blocks)
     assert math.isfinite(cell["k4", 128].gain_fraction) and cell["k4", 128].gain_low <= cell["k4", 128].gain_high
     assert cell["truncated", 128].gain_fraction is None and "share of full attention" in ppl.format_table(res)
+    # and, at every length, the paired change against truncation: 0 where the inputs are the same
+    assert cell["auto", 64].vs_truncated == pytest.approx(0.0, abs=1e-4)
+    k4 = cell["k4", 128]
+    assert k4.vs_truncated == pytest.approx(k4.ppl / cell["truncated", 128].ppl - 1)
+    assert k4.vs_truncated_low <= k4.vs_truncated <= k4.vs_truncated_high
+    assert cell["truncated", 128].vs_truncated is None and "change against truncated" in ppl.format_table(res)
 
 
 def test_ppl_reports_what_does_not_fit(tiny, tmp_path):

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model import ContextError
-from .stats import gain_fraction_with_interval, perplexity_with_interval
+from .stats import change_vs_baseline_with_interval, gain_fraction_with_interval, perplexity_with_interval
 from .texts import cut_spans, read_texts
 
 
@@ -45,6 +45,11 @@ class PplResult:
     gain_fraction: float | None = None
     gain_low: float | None = None
     gain_high: float | None = None
+    # compressed methods: ppl / ppl_truncated - 1 on the same blocks (paired interval); unlike
+    # the share it needs no full attention, so it says "better than truncation?" past 8K too
+    vs_truncated: float | None = None
+    vs_truncated_low: float | None = None
+    vs_truncated_high: float | None = None
 
 
 def parse_methods(ks: list[str], mismatched: bool) -> list[str]:
@@ -109,7 +114,11 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
             r = PplResult(m, L, ppl, lo, hi, int(sum(acc["counts"])), len(acc["counts"]), sorted(acc["ks"]),
                           acc["pos"])
             base, full = per.get("truncated"), per.get("full")
-            if m not in ("truncated", "full") and base and full and not (base["note"] or full["note"]):
+            compressed = m not in ("truncated", "full")
+            if compressed and base and not base["note"]:
+                r.vs_truncated, r.vs_truncated_low, r.vs_truncated_high = change_vs_baseline_with_interval(
+                    base["sums"], acc["sums"], acc["counts"])
+            if compressed and base and full and not (base["note"] or full["note"]):
                 r.gain_fraction, r.gain_low, r.gain_high = gain_fraction_with_interval(
                     base["sums"], full["sums"], acc["sums"], acc["counts"])
             results.append(r)
@@ -161,16 +170,25 @@ def format_table(results: list[PplResult]) -> str:
         lines.append(row)
     scored = {r.length: r.n_tokens for r in results if r.ppl is not None}
     lines.append("scored tokens per cell: " + ", ".join(f"{L}: {n}" for L, n in sorted(scored.items())))
-    gains = [r for r in results if r.gain_fraction is not None]
-    if gains:
-        lines += ["", ("share of full attention's gain over truncated that each method recovers "
-                       "[95% paired bootstrap interval]"), f"{'method':<20}" + "".join(f"{L:>{w}}" for L in lengths)]
-        for m in dict.fromkeys(r.method for r in gains):
+    for (attr, low, high), heading, fmt in (
+            (("gain_fraction", "gain_low", "gain_high"),
+             "share of full attention's gain over truncated that each method recovers", ".0%"),
+            (("vs_truncated", "vs_truncated_low", "vs_truncated_high"),
+             "perplexity change against truncated (below 0: better)", "+.1%")):
+        measured = [r for r in results if getattr(r, attr) is not None]
+        if not measured:
+            continue
+        lines += ["", f"{heading} [95% paired bootstrap interval]",
+                  f"{'method':<20}" + "".join(f"{L:>{w}}" for L in lengths)]
+        for m in dict.fromkeys(r.method for r in measured):
             row = f"{m:<20}"
             for L in lengths:
                 r = cell.get((m, L))
-                row += (f"{f'{r.gain_fraction:.0%} [{r.gain_low:.0%},{r.gain_high:.0%}]':>{w}}"
-                        if r is not None and r.gain_fraction is not None else f"{'-':>{w}}")
+                v = None if r is None else getattr(r, attr)
+                if v is None:
+                    row += f"{'-':>{w}}"
+                else:
+                    row += f"{f'{v:{fmt}} [{getattr(r, low):{fmt}},{getattr(r, high):{fmt}}]':>{w}}"
             lines.append(row)
     return "\n".join(lines)
 
@@ -191,8 +209,9 @@ def _yerr(rs):
 
 
 def plot(results: list[PplResult], path: str, title: str = ""):
-    """Perplexity by context length (one row per method when there is one length) and, where
-    measured, the share of full attention's gain each compressed method recovers."""
+    """Perplexity by context length (one row per method when there is one length) and a paired
+    panel: at one length the share of full attention's gain each compressed method recovers,
+    over several lengths (full attention ends at the base's range) the change against truncation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +221,10 @@ def plot(results: list[PplResult], path: str, title: str = ""):
     methods = list(dict.fromkeys(r.method for r in scored))
     lengths = sorted({r.length for r in scored})
     gains = [r for r in scored if r.gain_fraction is not None]
-    fig, axes = plt.subplots(1, 2 if gains else 1, figsize=(12 if gains else 7, 4.5), squeeze=False)
+    changes = [r for r in scored if r.vs_truncated is not None]
+    paired = _plot_share if len(lengths) == 1 and gains else _plot_change if changes else None
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in both panels
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(12 if paired else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     if len(lengths) == 1:  # stacked points at one x hide each other: one row per method instead
         ax.errorbar([r.ppl for r in scored], range(len(scored)), xerr=_yerr(scored), fmt="o", capsize=3)
@@ -214,32 +236,46 @@ def plot(results: list[PplResult], path: str, title: str = ""):
             rs = [r for r in scored if r.method == m]
             style = "--" if m.endswith("mismatched") else "-"
             ax.errorbar([r.length for r in rs], [r.ppl for r in rs], yerr=_yerr(rs), fmt=style + "o", capsize=3,
-                        label=m, markersize=4)
+                        label=m, markersize=4, color=colour[m])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("total tokens (context + scored)")
         ax.set_ylabel("perplexity of the scored tokens")
         ax.legend(fontsize=8)
     ax.set_title(title or "perplexity by context length")
     ax.grid(alpha=0.3)
-    if gains:
-        ax = axes[0][1]
-        gain_methods = list(dict.fromkeys(r.method for r in gains))
-        width = 0.8 / len(lengths)
-        for j, length in enumerate(lengths):
-            rs = {r.method: r for r in gains if r.length == length}
-            xs = [i + j * width for i, m in enumerate(gain_methods) if m in rs]
-            cells = [rs[m] for m in gain_methods if m in rs]
-            err = [[100 * max(0.0, r.gain_fraction - r.gain_low) for r in cells],
-                   [100 * max(0.0, r.gain_high - r.gain_fraction) for r in cells]]
-            ax.bar(xs, [100 * r.gain_fraction for r in cells], width, yerr=err, capsize=3, label=f"{length} tokens")
-        ax.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(gain_methods))], gain_methods,
-                      rotation=20)
-        ax.axhline(0, color="black", lw=1, ls="--", label="truncated (0%)")
-        ax.axhline(100, color="gray", lw=1, ls=":", label="full attention (100%)")
-        ax.set_ylabel("share of full attention's gain over truncation (%)")
-        ax.set_title("what the compact slots recover (95% paired interval)")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+    if paired:
+        paired(axes[0][1], gains if paired is _plot_share else changes, colour)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_share(ax, gains: list[PplResult], colour: dict):
+    xs = range(len(gains))
+    err = [[100 * max(0.0, r.gain_fraction - r.gain_low) for r in gains],
+           [100 * max(0.0, r.gain_high - r.gain_fraction) for r in gains]]
+    ax.bar(xs, [100 * r.gain_fraction for r in gains], 0.6, yerr=err, capsize=3,
+           color=[colour[r.method] for r in gains])
+    ax.set_xticks(xs, [r.method for r in gains], rotation=20)
+    ax.axhline(0, color="black", lw=1, ls="--", label="truncated (0%)")
+    ax.axhline(100, color="gray", lw=1, ls=":", label="full attention (100%)")
+    ax.set_ylabel("share of full attention's gain over truncation (%)")
+    ax.set_title("what the compact slots recover (95% paired interval)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+
+
+def _plot_change(ax, changes: list[PplResult], colour: dict):
+    for m in dict.fromkeys(r.method for r in changes):
+        rs = [r for r in changes if r.method == m]
+        err = [[100 * max(0.0, r.vs_truncated - r.vs_truncated_low) for r in rs],
+               [100 * max(0.0, r.vs_truncated_high - r.vs_truncated) for r in rs]]
+        ax.errorbar([r.length for r in rs], [100 * r.vs_truncated for r in rs], yerr=err, capsize=3, markersize=4,
+                    fmt=("--" if m.endswith("mismatched") else "-") + "o", label=m, color=colour[m])
+    ax.axhline(0, color="black", lw=1, ls="--", label="truncated")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("total tokens (context + scored)")
+    ax.set_ylabel("perplexity change against truncation (%)")
+    ax.set_title("below 0: better than truncation (95% paired interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

@@ -25,30 +25,40 @@ def perplexity_with_interval(block_nll_sums, block_counts, n_boot: int = 1000, s
     return ppl, float(lo), float(hi)
 
 
+def _paired_bootstrap(stat, sums: list, block_counts, n_boot: int, seed: int, level: float):
+    """(point, low, high) of `stat(*perplexities)` for methods scored on the same blocks: the
+    blocks are resampled jointly (paired), so the interval is of the difference, not of
+    several noisy levels."""
+    sums = [np.asarray(x, dtype=np.float64) for x in sums]
+    counts = np.asarray(block_counts, dtype=np.float64)
+    if any(len(x) != len(counts) for x in sums):
+        raise ValueError("a paired comparison needs the methods scored on the same blocks")
+
+    def at(idx):
+        n = counts[idx].sum(-1)
+        return stat(*(np.exp(x[idx].sum(-1) / n) for x in sums))
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # e.g. full == baseline: no gain to share (nan)
+        point = float(at(np.arange(len(counts))))
+        if len(counts) < 2 or not np.isfinite(point):
+            return point, float("nan"), float("nan")
+        boot = at(np.random.default_rng(seed).integers(0, len(counts), size=(n_boot, len(counts))))
+    lo, hi = np.nanquantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return point, float(lo), float(hi)
+
+
 def gain_fraction_with_interval(baseline_sums, full_sums, method_sums, block_counts, n_boot: int = 1000,
                                 seed: int = 0, level: float = 0.95):
     """(fraction, low, high): the share of full attention's perplexity gain over the baseline
     that a method recovers, (ppl_base - ppl_method) / (ppl_base - ppl_full): 1 = as good as
-    full attention, 0 = no better than the baseline, below 0 = worse than it.
+    full attention, 0 = no better than the baseline, below 0 = worse than it. Paired bootstrap."""
+    return _paired_bootstrap(lambda pb, pf, pm: (pb - pm) / (pb - pf), [baseline_sums, full_sums, method_sums],
+                             block_counts, n_boot, seed, level)
 
-    The three were scored on the same blocks (same targets), so the bootstrap resamples
-    blocks jointly (paired): the interval is of the difference, not of three noisy levels.
-    """
-    base, full, meth = (np.asarray(x, dtype=np.float64) for x in (baseline_sums, full_sums, method_sums))
-    counts = np.asarray(block_counts, dtype=np.float64)
-    if not len(base) == len(full) == len(meth) == len(counts):
-        raise ValueError("the gain fraction needs the three methods scored on the same blocks")
 
-    def frac(idx):
-        n = counts[idx].sum(-1)
-        pb, pf, pm = (np.exp(x[idx].sum(-1) / n) for x in (base, full, meth))
-        return (pb - pm) / (pb - pf)
-
-    with np.errstate(divide="ignore", invalid="ignore"):  # full == baseline: no gain to share (nan)
-        point = float(frac(np.arange(len(counts))))
-        if len(counts) < 2 or not np.isfinite(point):
-            return point, float("nan"), float("nan")
-        idx = np.random.default_rng(seed).integers(0, len(counts), size=(n_boot, len(counts)))
-        boot = frac(idx)
-    lo, hi = np.nanquantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return point, float(lo), float(hi)
+def change_vs_baseline_with_interval(baseline_sums, method_sums, block_counts, n_boot: int = 1000,
+                                     seed: int = 0, level: float = 0.95):
+    """(change, low, high): ppl_method / ppl_base - 1 (below 0 = better than the baseline), with a
+    paired bootstrap interval. Defined where full attention is out of range too (past 8K)."""
+    return _paired_bootstrap(lambda pb, pm: pm / pb - 1, [baseline_sums, method_sums], block_counts,
+                             n_boot, seed, level)
