@@ -198,14 +198,14 @@ def write_json(results, path, meta: dict):
         json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
 
 
-def _yerr(rs):
-    """Asymmetric error bars from the bootstrap interval (none where it is undefined)."""
+def _yerr(rs, value="ppl", low="ci_low", high="ci_high", scale=1.0):
+    """Asymmetric error bars of `value` from its bootstrap interval (none where it is undefined)."""
     def ok(x):
         return x is not None and not math.isnan(x)
 
     # max(0, .): a percentile interval need not contain the point estimate, and matplotlib refuses negative bars
-    return [[max(0.0, r.ppl - r.ci_low) if ok(r.ci_low) else 0 for r in rs],
-            [max(0.0, r.ci_high - r.ppl) if ok(r.ci_high) else 0 for r in rs]]
+    return [[scale * max(0.0, getattr(r, value) - getattr(r, low)) if ok(getattr(r, low)) else 0 for r in rs],
+            [scale * max(0.0, getattr(r, high) - getattr(r, value)) if ok(getattr(r, high)) else 0 for r in rs]]
 
 
 def plot(results: list[PplResult], path: str, title: str = ""):
@@ -227,7 +227,8 @@ def plot(results: list[PplResult], path: str, title: str = ""):
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(12 if paired else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     if len(lengths) == 1:  # stacked points at one x hide each other: one row per method instead
-        ax.errorbar([r.ppl for r in scored], range(len(scored)), xerr=_yerr(scored), fmt="o", capsize=3)
+        for i, r in enumerate(scored):
+            ax.errorbar([r.ppl], [i], xerr=_yerr([r]), fmt="o", capsize=3, color=colour[r.method])
         ax.set_yticks(range(len(scored)), [r.method for r in scored])
         ax.invert_yaxis()
         ax.set_xlabel(f"perplexity of the scored tokens (total {lengths[0]} tokens, 95% interval)")
@@ -252,8 +253,7 @@ def plot(results: list[PplResult], path: str, title: str = ""):
 
 def _plot_share(ax, gains: list[PplResult], colour: dict):
     xs = range(len(gains))
-    err = [[100 * max(0.0, r.gain_fraction - r.gain_low) for r in gains],
-           [100 * max(0.0, r.gain_high - r.gain_fraction) for r in gains]]
+    err = _yerr(gains, "gain_fraction", "gain_low", "gain_high", scale=100)
     ax.bar(xs, [100 * r.gain_fraction for r in gains], 0.6, yerr=err, capsize=3,
            color=[colour[r.method] for r in gains])
     ax.set_xticks(xs, [r.method for r in gains], rotation=20)
@@ -268,8 +268,7 @@ def _plot_share(ax, gains: list[PplResult], colour: dict):
 def _plot_change(ax, changes: list[PplResult], colour: dict):
     for m in dict.fromkeys(r.method for r in changes):
         rs = [r for r in changes if r.method == m]
-        err = [[100 * max(0.0, r.vs_truncated - r.vs_truncated_low) for r in rs],
-               [100 * max(0.0, r.vs_truncated_high - r.vs_truncated) for r in rs]]
+        err = _yerr(rs, "vs_truncated", "vs_truncated_low", "vs_truncated_high", scale=100)
         ax.errorbar([r.length for r in rs], [100 * r.vs_truncated for r in rs], yerr=err, capsize=3, markersize=4,
                     fmt=("--" if m.endswith("mismatched") else "-") + "o", label=m, color=colour[m])
     ax.axhline(0, color="black", lw=1, ls="--", label="truncated")
