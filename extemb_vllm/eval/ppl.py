@@ -222,7 +222,8 @@ def plot(results: list[PplResult], path: str, title: str = ""):
     lengths = sorted({r.length for r in scored})
     gains = [r for r in scored if r.gain_fraction is not None]
     changes = [r for r in scored if r.vs_truncated is not None]
-    paired = _plot_share if len(lengths) == 1 and gains else _plot_change if changes else None
+    paired = ((_plot_share, gains) if len(lengths) == 1 and gains else (_plot_change, changes) if changes
+              else None)  # (how to draw the second panel, what to draw)
     colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in both panels
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(12 if paired else 7, 4.5), squeeze=False)
     ax = axes[0][0]
@@ -245,7 +246,8 @@ def plot(results: list[PplResult], path: str, title: str = ""):
     ax.set_title(title or "perplexity by context length")
     ax.grid(alpha=0.3)
     if paired:
-        paired(axes[0][1], gains if paired is _plot_share else changes, colour)
+        draw, cells = paired
+        draw(axes[0][1], cells, colour)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
