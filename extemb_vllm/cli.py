@@ -125,15 +125,36 @@ def cmd_demo(args):
 
 
 def cmd_train(args):
-    from .train.trainer import TrainConfig, train
+    from dataclasses import fields
 
-    cfg = TrainConfig(model=args.model, data=args.data, out=args.out, heldout=args.heldout or [],
-                      init_embedder=args.init_embedder, sample_len=args.sample_len, chunk_len=args.chunk_len,
-                      k_ladder=args.k_ladder, steps=args.steps, accum=args.accum, lr=args.lr, warmup=args.warmup,
-                      eval_every=args.eval_every, eval_samples=args.eval_samples, eval_ks=args.eval_ks,
-                      save_every=args.save_every, device=args.device, seed=args.seed, cache_dir=args.cache_dir,
-                      bf16=args.bf16, ema=args.ema)
+    from .train.config import TrainConfig
+    from .train.trainer import train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     print(train(cfg, resume=args.resume))
+
+
+def cmd_compare(args):
+    from .train import compare
+
+    res = compare.compare_embedders(args.model, args.embedders, args.text, n_samples=args.samples,
+                                    sample_len=args.sample_len, chunk_len=args.chunk_len, ks=args.ks, bf16=args.bf16,
+                                    cache_dir=args.cache_dir, recall=args.recall)
+    print(compare.format_comparison(res))
+    if args.json:
+        res["meta"]["command"] = " ".join(sys.argv)
+        compare.write_json(res, args.json)
+        print(f"wrote {args.json}")
+
+
+def cmd_train_curves(args):
+    from .train import compare
+
+    curves = [compare.run_curves(r, weights=args.weights) for r in args.runs]
+    print(compare.format_runs(curves))
+    if args.plot:
+        compare.plot_runs(curves, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def cmd_export(args):
@@ -259,32 +280,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot")
     p.set_defaults(fn=cmd_eval_passkey)
 
+    from .train.config import TrainConfig  # its fields are the defaults (a plain dataclass)
+
+    d = TrainConfig(model="", data=[], out="")
     p = sub.add_parser("train", help="train the embedder (two-stream auto-regression; the LLM stays frozen)")
     p.add_argument("--model", default="extemb-llama2", help="built checkpoint whose embedder is trained")
     p.add_argument("--data", nargs="+", required=True, help="text files or folders")
-    p.add_argument("--heldout", nargs="*", help="held-out texts (default: the deterministic document split of --data)")
+    p.add_argument("--heldout", nargs="*", default=[],
+                   help="held-out texts (default: the deterministic document split of --data)")
     p.add_argument("--out", default="runs/embedder")
-    p.add_argument("--init-embedder", help="start from these embedder weights (e.g. the instruction stage)")
-    p.add_argument("--sample-len", type=int, default=2048)
-    p.add_argument("--chunk-len", type=int, default=512)
-    p.add_argument("--k-ladder", type=_ints, default=[2, 4, 8, 16, 32])
-    p.add_argument("--steps", type=int, default=100, help="optimiser steps")
-    p.add_argument("--accum", type=int, default=2, help="samples per optimiser step")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-samples", type=int, default=8)
-    p.add_argument("--eval-ks", type=_ints, default=[8, 32])
-    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--init-embedder", help="start from these embedder weights (e.g. the shipped ones)")
+    p.add_argument("--sample-len", type=int, default=d.sample_len)
+    p.add_argument("--chunk-len", type=int, default=d.chunk_len)
+    p.add_argument("--k-ladder", type=_ints, default=d.k_ladder)
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps")
+    p.add_argument("--accum", type=int, default=d.accum, help="samples per optimiser step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip", type=float, default=d.clip)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--eval-ks", type=_ints, default=d.eval_ks)
+    p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default="data/cache")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing of the embedder (default: on CUDA only)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA only; on CPU it pays only with AVX-512-BF16/AMX)")
-    p.add_argument("--ema", type=float, default=0.0,
+    p.add_argument("--ema", type=float, default=d.ema,
                    help="keep, evaluate and save a moving average of the weights with this decay (e.g. 0.98)")
+    p.add_argument("--distill", type=float, default=d.distill,
+                   help="weight w of KL(full-context teacher || slots): loss = (1-w) CE + w KL (0: LM loss only)")
+    p.add_argument("--distill-top", type=int, default=d.distill_top,
+                   help="the teacher's most likely next tokens kept per position")
+    p.add_argument("--recall", type=float, default=d.recall,
+                   help="share of samples that are synthetic recall samples (facts planted, asked at the end)")
+    p.add_argument("--recall-answer-share", type=float, default=d.recall_answer_share,
+                   help="share of a recall sample's loss carried by its answer tokens")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("compare", help="paired held-out loss of embedder weights against the first (ship or not)")
+    p.add_argument("--model", default="extemb-llama2", help="built checkpoint (its LLM and tokenizer)")
+    p.add_argument("--embedders", nargs="+", required=True, help="embedder safetensors; the first is the baseline")
+    p.add_argument("--text", nargs="+", required=True, help="held-out texts (e.g. data/*/heldout)")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--sample-len", type=int, default=4096)
+    p.add_argument("--chunk-len", type=int, default=512)
+    p.add_argument("--ks", type=_ints, default=[8, 16, 32])
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: where the CPU has native bf16)")
+    p.add_argument("--cache-dir", default="data/cache")
+    p.add_argument("--recall", action="store_true", help="also the answers of facts planted in the same windows")
+    p.add_argument("--json")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("train-curves", help="held-out loss of training runs against samples and CPU-minutes")
+    p.add_argument("--runs", nargs="+", required=True, help="run directories of `extemb train --out`")
+    p.add_argument("--weights", choices=["ema", "live"], default="ema", help="the moving average or the live weights")
+    p.add_argument("--plot", help="PNG: one column per k, against samples and against CPU-minutes")
+    p.set_defaults(fn=cmd_train_curves)
 
     p = sub.add_parser("export", help="ship a training run's embedder (bf16 safetensors + a JSON record)")
     p.add_argument("--run", required=True, help="the run directory of `extemb train --out`")

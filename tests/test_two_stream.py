@@ -1,5 +1,6 @@
 """The two-stream objective: the block mask equals the reference model chunk by chunk."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,17 +10,51 @@ from extemb_vllm.train.two_stream import two_stream_forward, two_stream_layout
 
 def test_layout_small_case():
     lay = two_stream_layout(n_chunks=3, chunk_len=4, k=2)
-    # compact: chunks 0,1 -> 2 slots each at positions 0..3; raw chunk i at i*2 ..
+    # compact: chunks 0,1 -> 2 slots each at positions 0..3; raw chunk i (i >= 1) at i*2 ..
     assert lay.compact_positions.tolist() == [0, 1, 2, 3]
-    assert lay.raw_positions.tolist() == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]]
-    M = lay.raw_mask  # (chunk, query, [4 compact slots | 4 own raw tokens])
-    assert M[0, :, :4].sum() == 0                          # chunk 0 sees no compact slots
-    assert M[1, 0, :4].tolist() == [True, True, False, False]  # chunk 1 sees C_0 only
-    assert M[2, :, :4].all()                               # chunk 2 sees C_0 and C_1
-    assert M[1, 1, 4:].tolist() == [True, True, False, False]  # causal inside its own chunk
-    # logits order: first tokens of chunks 1, 2 (from the last slot of C_0, C_1), then the rest
-    assert lay.target_at[:2].tolist() == [4, 8]
-    assert sorted(lay.target_at.tolist()) == list(range(1, 12))  # every token but the sample's first
+    assert lay.raw_positions.tolist() == [[2, 3, 4, 5], [4, 5, 6, 7]]  # chunk 0 has no raw row
+    M = lay.raw_mask  # (chunk 1.., query, [4 compact slots | 4 own raw tokens])
+    assert M[0, 0, :4].tolist() == [True, True, False, False]  # chunk 1 sees C_0 only
+    assert M[1, :, :4].all()                               # chunk 2 sees C_0 and C_1
+    assert M[0, 1, 4:].tolist() == [True, True, False, False]  # causal inside its own chunk
+    # every token of chunks 1.. in order (chunk 0's loss does not depend on the embedder)
+    assert lay.target_at.tolist() == list(range(4, 12))
+
+
+def test_linear_cross_entropy_equals_the_plain_loss_and_its_gradient():
+    """The blockwise loss (gradient computed in the forward pass) against logits + cross-entropy,
+    with token weights and with a distillation target mixed in."""
+    from extemb_vllm.train import two_stream
+    from extemb_vllm.train.two_stream import linear_cross_entropy
+
+    torch.manual_seed(0)
+    n, d, v, top = 37, 16, 50, 5
+    w = torch.randn(v, d, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,))
+    row_weight = torch.rand(n, dtype=torch.float64) + 0.5
+    teacher_logits = torch.randn(n, v, dtype=torch.float64) * 2
+    t_val, t_idx = teacher_logits.topk(top, -1)
+    teacher = (t_idx, t_val.softmax(-1))
+    for distill, weighted in [(0.0, False), (0.0, True), (0.3, False), (0.3, True), (1.0, True)]:
+        h = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+        lp = (h @ w.T).log_softmax(-1)
+        share = row_weight / row_weight.sum() if weighted else torch.full((n,), 1.0 / n, dtype=torch.float64)
+        ce = -(lp.gather(-1, targets[:, None]).squeeze(-1) * share).sum()
+        p = teacher[1]
+        kl = ((p * (p.log() - lp.gather(-1, t_idx))).sum(-1) * share).sum()
+        expected = (1 - distill) * ce + distill * kl
+        expected.backward()
+        h2 = h.detach().clone().requires_grad_(True)
+        old_block, two_stream.LOSS_BLOCK_ROWS = two_stream.LOSS_BLOCK_ROWS, 8  # several blocks
+        try:
+            loss, logprob = linear_cross_entropy(h2, w, targets, teacher=teacher if distill else None,
+                                                 distill=distill, row_weight=row_weight if weighted else None)
+        finally:
+            two_stream.LOSS_BLOCK_ROWS = old_block
+        (3.0 * loss).backward()
+        torch.testing.assert_close(loss, expected.detach())
+        torch.testing.assert_close(h2.grad, 3.0 * h.grad)
+        torch.testing.assert_close(logprob, lp.gather(-1, targets[:, None]).squeeze(-1).detach())
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])
@@ -48,7 +83,7 @@ def test_later_tokens_do_not_leak_backwards(tiny):
     _, a, lay = two_stream_forward(model, ids, 4, c, return_logprobs=True)
     _, b, _ = two_stream_forward(model, changed, 4, c, return_logprobs=True)
     t = lay.target_at
-    same = t <= c + 6  # chunk 0 and chunk 1 up to the token before the change
+    same = t <= c + 6  # chunk 1 up to the token before the change
     torch.testing.assert_close(a[same], b[same])
     assert not torch.allclose(a[(t > c + 7) & (t < 2 * c)], b[(t > c + 7) & (t < 2 * c)])  # its own future moves
     assert not torch.allclose(a[t >= 2 * c], b[t >= 2 * c])  # chunk 2 reads chunk 1 through compact slots
@@ -73,7 +108,7 @@ def test_only_the_embedder_gets_gradients(tiny_checkpoint):
 
 def _tiny_train_config(tiny_checkpoint, tmp_path, **overrides):
     """A tiny run: 6 copies of the tiny text, samples of 4 chunks of 12, eval and save every 2 steps."""
-    from extemb_vllm.train.trainer import TrainConfig
+    from extemb_vllm.train.config import TrainConfig
 
     from .conftest import TINY_TEXT
 
@@ -90,7 +125,8 @@ def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
     """Tiny end-to-end: log, eval records, loss curve, checkpoint, and --resume continuing the step count."""
     import json
 
-    from extemb_vllm.train.trainer import TrainConfig, train
+    from extemb_vllm.train.config import TrainConfig
+    from extemb_vllm.train.trainer import train
 
     from .conftest import TINY_TEXT
 
@@ -216,3 +252,107 @@ def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, t
     for _ in range(2):
         rec3 = json.loads(export_embedder(run2, out).with_suffix(".json").read_text())
         assert rec3["initialised_from"]["sha256"] == rec["sha256"] and rec3["samples_total"] == 4 + 2
+
+
+def test_distillation_and_recall_samples_train_and_are_evaluated(tiny_checkpoint, tmp_path):
+    """--distill and --recall: a tiny run mixes the teacher in, draws recall samples, logs which sample
+    was which, and evaluates the held-out recall answers beside the held-out text."""
+    import json
+
+    from extemb_vllm.train.trainer import train
+
+    from .conftest import TINY_TEXT
+
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "h.txt").write_text(TINY_TEXT[::-1])
+    cfg = _tiny_train_config(tiny_checkpoint, tmp_path, heldout=[str(tmp_path / "held")], steps=4, sample_len=768,
+                             chunk_len=256, distill=0.5, distill_top=8, recall=0.5)
+    recs = [json.loads(line) for line in open(train(cfg) / "log.jsonl")]
+    kinds = [k for r in recs if r["kind"] == "train" for k in r["sample_kinds"]]
+    assert set(kinds) == {"text", "recall"}, kinds
+    assert all(np.isfinite(r["loss"]) for r in recs if r["kind"] == "train")
+    ev = [r for r in recs if r["kind"] == "eval"]
+    assert [set(r["recall_loss_by_k"]) for r in ev] == [{"4"}] * 3
+    assert [len(r["per_sample"]["4"]) for r in ev] == [2] * 3  # kept per sample, for paired comparisons
+
+
+def test_recall_samples_plant_facts_in_compressed_chunks_and_ask_at_the_end():
+    """Each recall sample keeps its length, states its facts before the last chunk (so they reach the
+    answers only through the slots), asks for them in the last chunk, and never uses the pass-key
+    evaluation's phrasing or five-digit keys."""
+    import re
+
+    from extemb_vllm.train.recall import RecallMaker, answer_weights
+
+    from .conftest import TINY_TEXT, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text = torch.tensor(tok(TINY_TEXT * 3).input_ids[:2048])
+    maker = RecallMaker(tok, chunk_len=512, seed=0)
+    n_facts = []
+    for _ in range(20):
+        s = maker.make(text)
+        assert s.ids.shape == text.shape and s.answer.shape == text.shape
+        assert s.answer[:3 * 512].sum() == 0 and s.answer.sum() > 0  # answers only in the last chunk
+        body, last = tok.decode(s.ids[:3 * 512]), tok.decode(s.ids[3 * 512:])
+        answers = re.findall(r" (.+?)\.", tok.decode(s.ids[s.answer]))
+        assert "pass key" not in (body + last).lower()
+        for a in answers:
+            assert a in body and not re.fullmatch(r"\d{5}", a), a
+        n_facts.append(len(answers))
+        w = answer_weights(s.answer, 0.5)
+        assert w[s.answer].sum() == pytest.approx(w[~s.answer].sum()) and w.mean() == pytest.approx(1.0)
+    assert max(n_facts) == 3
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_slot_attention_gives_the_masked_attentions_loss_and_gradients(tiny_checkpoint, monkeypatch, k):
+    """The CPU path (flash attention over only the blocks a row reads, merged by log-sum-exp, with a
+    hand-written backward) against one masked SDPA call: the same loss and embedder gradients."""
+    from extemb_vllm.model.checkpoint import load_model
+    from extemb_vllm.train import two_stream
+
+    model, _ = load_model(tiny_checkpoint)
+    model.embedder.train()
+    ids = torch.randint(3, 300, (5 * 16,))
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(two_stream, "slot_attention_available", lambda device, fast=fast: fast)
+        model.embedder.zero_grad()
+        loss = two_stream_forward(model, ids, k, 16)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.embedder.named_parameters()}))
+    (loss_fast, grads_fast), (loss_masked, grads_masked) = results
+    torch.testing.assert_close(loss_fast, loss_masked)
+    for name, g in grads_masked.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads_fast[name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_compare_is_paired_and_curves_plot(tiny_checkpoint, tmp_path):
+    """`extemb compare`: the same weights twice differ by exactly 0 with a zero-width interval, other
+    weights do not; `extemb train-curves` reads a run's log into samples / CPU-minutes / loss points."""
+    import shutil
+
+    from extemb_vllm.model.checkpoint import EMBEDDER_FILE
+    from extemb_vllm.train.compare import compare_embedders, plot_runs, run_curves
+    from extemb_vllm.train.trainer import train
+
+    from .conftest import TINY_TEXT
+
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "h.txt").write_text(TINY_TEXT[::-1])
+    run = train(_tiny_train_config(tiny_checkpoint, tmp_path, heldout=[str(tmp_path / "held")], steps=2))
+    base, copy = str(tiny_checkpoint / EMBEDDER_FILE), str(tmp_path / "copy.safetensors")
+    shutil.copy(base, copy)
+    trained = str(run / "embedder.safetensors")
+    res = compare_embedders(str(tiny_checkpoint), [base, copy, trained], [str(tmp_path / "held")],
+                            n_samples=3, sample_len=48, chunk_len=12, ks=[2, 4], bf16=False)
+    assert all(v == (0.0, 0.0, 0.0) for v in res["vs_first"][copy].values())
+    assert all(v[0] != 0 for v in res["vs_first"][trained].values())
+    assert len(res["embedders"][trained]["4"]) == 3
+    curves = run_curves(run, weights="live")
+    assert [p[0] for p in curves["points"]] == [0, 4]  # evaluated at steps 0 and 2 (2 samples a step)
+    assert curves["points"][0][1] == 0.0 and curves["points"][-1][1] > 0
+    plot_runs([curves], tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000

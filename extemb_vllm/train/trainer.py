@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 
 from ..machine import machine
 from ..model.checkpoint import load_embedder_weights, load_model, save_embedder_weights
+from .config import TrainConfig
 from .data import WindowSampler, split_documents, tokenize_cached
-from .two_stream import two_stream_forward
+from .recall import RecallMaker, answer_weights
+from .two_stream import linear_cross_entropy, teacher_topk, two_stream_forward
 
 EMA_WEIGHTS = "embedder-ema.safetensors"  # the moving average of the weights, beside embedder.safetensors
 INIT_RECORD = "initialised-from.json"  # the record of the --init-embedder weights, taken when the run starts
@@ -43,34 +45,6 @@ def parent_record(init_embedder: str | None) -> dict | None:
     if rec is None or rec.get("sha256") != sha:
         return {"weights": str(path), "sha256": sha, "note": "no record of these weights"}
     return rec
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    data: list[str]
-    out: str
-    heldout: list[str] = field(default_factory=list)
-    init_embedder: str | None = None
-    sample_len: int = 2048
-    chunk_len: int = 512
-    k_ladder: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
-    steps: int = 100
-    accum: int = 2
-    lr: float = 2e-4
-    warmup: int = 10
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    eval_every: int = 25
-    eval_samples: int = 8
-    eval_ks: list[int] = field(default_factory=lambda: [8, 32])
-    save_every: int = 25
-    device: str | None = None
-    grad_ckpt: bool | None = None  # default: on CUDA
-    bf16: bool | None = None  # bf16 autocast and a bf16 frozen LLM; default: on CUDA
-    seed: int = 0
-    cache_dir: str = "data/cache"
-    ema: float = 0.0  # decay of the weights' moving average (0: none), e.g. 0.98: ~50 updates
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -103,6 +77,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     sampler = WindowSampler(train_docs, cfg.sample_len, seed=cfg.seed)
     eval_set = WindowSampler(held_docs, cfg.sample_len).fixed(cfg.eval_samples) if held_docs else []
     k_rng = np.random.default_rng(cfg.seed + 1)
+    recall_maker = RecallMaker(tok, cfg.chunk_len, seed=cfg.seed + 2)
+    if cfg.recall and eval_set:  # held-out recall: the same texts with facts planted (fixed seed)
+        held_maker = RecallMaker(tok, cfg.chunk_len, seed=4321)
+        eval_recall = [held_maker.make(ids) for ids in eval_set]
+    else:
+        eval_recall = []
 
     params = [p for p in model.embedder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -122,6 +102,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         rngs = json.loads((out / "rng.json").read_text())
         sampler.rng.bit_generator.state = rngs["sampler"]
         k_rng.bit_generator.state = rngs["k"]
+        if "recall" in rngs:
+            recall_maker.rng.bit_generator.state = rngs["recall"]
         samples = _rewind_log(out / "log.jsonl", step, state.get("samples"))
         if ema is not None and (out / EMA_WEIGHTS).exists():  # else the average starts here
             load_embedder_weights(ema.module, out / EMA_WEIGHTS)
@@ -141,20 +123,29 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if step == 0 and eval_set:
         refs = reference_losses(model, eval_set, cfg.chunk_len, bf16)
         _log(log, {"step": 0, "samples": 0, "kind": "reference", **refs})
-        _log(log, {"step": 0, "samples": 0, "kind": "eval", **_evaluate_both(model, ema, eval_set, cfg, bf16)})
+        _log(log, {"step": 0, "samples": 0, "kind": "eval",
+                   **_evaluate_both(model, ema, eval_set, eval_recall, cfg, bf16)})
 
     bar = tqdm(total=cfg.steps, initial=step, desc="training embedder", unit="step")
     while step < cfg.steps:
         t0 = time.perf_counter()
-        losses, ks = [], []
+        losses, ks, kinds = [], [], []
         for _ in range(cfg.accum):
-            ids = sampler.sample().to(device)
+            ids, weight = sampler.sample(), None
+            # the draw is made for every sample, so the text and k streams stay the same whatever cfg.recall is
+            if recall_maker.rng.random() < cfg.recall:
+                made = recall_maker.make(ids)
+                ids, weight = made.ids, answer_weights(made.answer, cfg.recall_answer_share).to(device)
+            ids = ids.to(device)
             k = int(k_rng.choice(cfg.k_ladder))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = two_stream_forward(model, ids, k, cfg.chunk_len)
+                teacher = teacher_topk(model, ids, cfg.chunk_len, cfg.distill_top) if cfg.distill else None
+                loss = two_stream_forward(model, ids, k, cfg.chunk_len, teacher=teacher, distill=cfg.distill,
+                                          token_weight=weight)
             (loss / cfg.accum).backward()
             losses.append(loss.item())
             ks.append(k)
+            kinds.append("text" if weight is None else "recall")
         samples += cfg.accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
         opt.step()
@@ -165,26 +156,27 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         step += 1
         dt = time.perf_counter() - t0
         rec = {"step": step, "samples": samples, "kind": "train", "loss": float(np.mean(losses)),
-               "ks": ks, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": cfg.accum * cfg.sample_len / dt}
+               "ks": ks, "sample_kinds": kinds, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": cfg.accum * cfg.sample_len / dt, "step_seconds": dt}
         _log(log, rec)
         bar.update()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
-            ev = _evaluate_both(model, ema, eval_set, cfg, bf16)
+            ev = _evaluate_both(model, ema, eval_set, eval_recall, cfg, bf16)
             _log(log, {"step": step, "samples": samples, "kind": "eval", **ev})
             bar.write(f"step {step}: held-out loss " + "; ".join(
                 f"{name} " + ", ".join(f"k={k} {v:.4f}" for k, v in ev[key].items())
                 for name, key in (("live", "loss_by_k"), ("ema", "ema_loss_by_k")) if key in ev))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            _save(model, opt, sched, step, samples, sampler, k_rng, out, ema)
+            _save(model, opt, sched, step, samples, {"sampler": sampler.rng, "k": k_rng, "recall": recall_maker.rng},
+                  out, ema)
             plot_curves(out / "log.jsonl", out / "loss.png")
     bar.close()
     log.close()
     return out
 
 
-def _save(model, opt, sched, step, samples, sampler, k_rng, out: Path, ema=None):
+def _save(model, opt, sched, step, samples, rngs: dict, out: Path, ema=None):
     # write-then-rename: an interrupted save never leaves a half-written checkpoint
     def tmp(name: str) -> Path:
         stem, ext = name.split(".", 1)
@@ -198,7 +190,7 @@ def _save(model, opt, sched, step, samples, sampler, k_rng, out: Path, ema=None)
         state["ema_updates"] = int(ema.n_averaged)
         names.append(EMA_WEIGHTS)
     torch.save(state, tmp("train-state.pt"))
-    tmp("rng.json").write_text(json.dumps({"sampler": sampler.rng.bit_generator.state, "k": k_rng.bit_generator.state}))
+    tmp("rng.json").write_text(json.dumps({name: rng.bit_generator.state for name, rng in rngs.items()}))
     for name in names:
         tmp(name).replace(out / name)
 
@@ -239,46 +231,59 @@ def _embedder_swapped(model, embedder):
         model.embedder = live
 
 
-def _evaluate_both(model, ema, samples, cfg: TrainConfig, bf16: bool) -> dict:
-    """The eval record: the live weights' held-out losses, and the moving average's if there is one."""
-    rec = {"loss_by_k": evaluate(model, samples, cfg, bf16)}
-    if ema is not None:
-        with _embedder_swapped(model, ema.module):
-            rec["ema_loss_by_k"] = evaluate(model, samples, cfg, bf16)
+def _evaluate_both(model, ema, samples, recall_samples, cfg: TrainConfig, bf16: bool) -> dict:
+    """The eval record: the live weights' held-out losses (and recall answer losses), and the moving
+    average's if there is one. Per-sample losses are kept so two records can be compared paired."""
+    rec = {}
+    for prefix, embedder in [("", None)] + ([("ema_", ema.module)] if ema is not None else []):
+        with _embedder_swapped(model, embedder or model.embedder):
+            per_sample = evaluate(model, samples, cfg.eval_ks, cfg.chunk_len, bf16)
+            rec[f"{prefix}loss_by_k"] = {k: float(np.mean(v)) for k, v in per_sample.items()}
+            rec[f"{prefix}per_sample"] = per_sample
+            if recall_samples:
+                answers = evaluate(model, [r.ids for r in recall_samples], cfg.eval_ks, cfg.chunk_len, bf16,
+                                   targets=[r.answer for r in recall_samples])
+                rec[f"{prefix}recall_loss_by_k"] = {k: float(np.mean(v)) for k, v in answers.items()}
     return rec
 
 
 @torch.no_grad()
-def evaluate(model, samples, cfg: TrainConfig, bf16: bool) -> dict:
-    """Held-out loss (chunks 1.., see _context_targets) of the two-stream pass at each eval k."""
+def evaluate(model, samples, ks, chunk_len: int, bf16: bool, targets: list[torch.Tensor] | None = None) -> dict:
+    """{k: [held-out loss of each sample]} of the two-stream pass: the mean over the tokens of chunks 1..
+    (see _context_targets), or over the tokens each `targets` mask (like the sample) marks."""
     was = model.embedder.training
     model.embedder.eval()
     res = {}
-    for k in cfg.eval_ks:
+    for k in ks:
         vals = []
-        for ids in samples:
+        for i, ids in enumerate(samples):
             ids = ids.to(model.device)
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                _, lp, lay = two_stream_forward(model, ids, k, cfg.chunk_len, return_logprobs=True)
-            vals.append(-lp[_is_context_target(lay.target_at, cfg.chunk_len)].mean().item())
-        res[str(k)] = float(np.mean(vals))
+                _, lp, lay = two_stream_forward(model, ids, k, chunk_len, return_logprobs=True)
+            scored = _is_context_target(lay.target_at, chunk_len) if targets is None \
+                else targets[i].to(ids.device)[lay.target_at]
+            vals.append(-lp[scored].mean().item())
+        res[str(k)] = vals
     model.embedder.train(was)
     return res
 
 
 @torch.no_grad()
-def reference_losses(model, samples, chunk_len: int, bf16: bool) -> dict:
+def reference_losses(model, samples, chunk_len: int, bf16: bool, per_sample: bool = False) -> dict:
     """The same held-out targets with full raw context and with no context (each chunk alone)."""
     full, none = [], []
     for ids in samples:
         ids = ids.to(model.device)
         t = _context_targets(ids.numel(), chunk_len, ids.device)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            lp_full = model.llm(input_ids=ids[None]).logits[0].float().log_softmax(-1)
-            lp_none = model.llm(input_ids=ids.view(-1, chunk_len)).logits.float().log_softmax(-1).flatten(0, 1)
-        full.append(-lp_full[t - 1].gather(-1, ids[t, None]).mean().item())
-        none.append(-lp_none[t - 1].gather(-1, ids[t, None]).mean().item())
-    return {"full_context": float(np.mean(full)), "no_context": float(np.mean(none))}
+            for out, batch in ((full, ids[None]), (none, ids.view(-1, chunk_len))):
+                h = model.llm.model(input_ids=batch).last_hidden_state.flatten(0, 1)
+                _, lp = linear_cross_entropy(h[t - 1], model.llm.lm_head.weight, ids[t])
+                out.append(-lp.mean().item())
+    res = {"full_context": float(np.mean(full)), "no_context": float(np.mean(none))}
+    if per_sample:
+        res.update(full_context_per_sample=full, no_context_per_sample=none)
+    return res
 
 
 def plot_curves(log_path: Path, png: Path):

@@ -4,22 +4,29 @@ Stream 1 encodes every chunk of the sample with the embedder. Stream 2 predicts
 each chunk's tokens from the compact embeddings of all earlier chunks plus the
 chunk's own raw tokens. Written as one joint sequence with a block mask:
 
-    sequence   [C_0 C_1 ... C_{n-2} | R_0 R_1 ... R_{n-1}]     C_j: compact slots of chunk j
+    sequence   [C_0 C_1 ... C_{n-2} | R_1 ... R_{n-1}]     C_j: compact slots of chunk j
     positions   0 .. (n-1)m-1       | R_i: i*m .. i*m + c-1     R_i: raw tokens of chunk i
     mask        C: causal over C    | R_i: C_0..C_{i-1} + causal inside R_i
 
 so chunk i reads exactly what the reference model reads at inference,
 `[compact(chunks < i), raw chunk i]` with consecutive positions. The first token of
-chunk i is predicted at the last slot of C_{i-1}; the loss covers every token but
-the sample's first.
+chunk i is predicted at the last slot of C_{i-1}. Chunk 0 is only encoded: its
+tokens see no slots, so their loss sends no gradient to the embedder, and the pass
+neither runs its raw row nor scores it (the loss covers the tokens of chunks 1..).
 
 The LLM runs that joint sequence in two calls that compute the same thing: the
 compact slots once (causal; their keys/values are what every chunk reads), then
-all raw chunks as one batch of n rows on top of those keys/values, row i masked to
-C_0..C_{i-1} and its own causal prefix. With a dense (T, T) mask, SDPA (CPU flash
+the raw chunks as one batch of n-1 rows on top of those keys/values, row i masked
+to C_0..C_{i-1} and its own causal prefix. With a dense (T, T) mask, SDPA (CPU flash
 or the math path) computes attention over every pair of the joint sequence, masked
-or not; the batched form only computes the (c, |C| + c) blocks that can be non-zero
-(5x less attention work at 8 chunks of 512, k=8).
+or not; the batched form only computes the (c, |C| + c) blocks that can be non-zero.
+
+The loss never materialises the (tokens, vocabulary) logits: `linear_cross_entropy`
+works through them in row blocks and computes the gradient for the hidden states in
+the same pass (the LM head is frozen). With a teacher (`distill`), the target of
+each token is a mix of the true next token and the frozen LLM's own top-k
+prediction when it reads the whole sample raw: the loss is
+`(1 - distill) * CE + distill * KL(teacher || student)`.
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..model.embedder import keep_positions
+from .slot_attention import CompactSlots, slot_attention
+from .slot_attention import available as slot_attention_available
+
+LOSS_BLOCK_ROWS = 1024  # rows of logits in flight: 1024 x 49152 fp32 = 200 MB for SmolLM2
 
 
 @dataclass
@@ -40,9 +50,9 @@ class TwoStreamLayout:
     k: int
     slots: int  # compact slots per chunk (m)
     compact_positions: torch.Tensor  # (n_c,) positions of C_0..C_{n-2}, n_c = (n-1)*m
-    raw_positions: torch.Tensor  # (n, c) positions of R_i, i*m + 0..c-1
-    raw_mask: torch.Tensor  # (n, c, n_c + c) bool: row i, query t may read [compact slot | own raw token]
-    target_at: torch.Tensor  # (N,) index in the sample of each predicted token, in logits order
+    raw_positions: torch.Tensor  # (n-1, c) positions of R_1..R_{n-1}, i*m + 0..c-1
+    raw_mask: torch.Tensor  # (n-1, c, n_c + c) bool: row of chunk i, query t may read [compact slot | own raw token]
+    target_at: torch.Tensor  # (N,) index in the sample of each predicted token, in logits order: c .. n*c-1
 
 
 def two_stream_layout(n_chunks: int, chunk_len: int, k: int, device=None) -> TwoStreamLayout:
@@ -50,48 +60,134 @@ def two_stream_layout(n_chunks: int, chunk_len: int, k: int, device=None) -> Two
     m = len(keep_positions(c, k))
     n_c = (n - 1) * m
     ar = lambda *a: torch.arange(*a, device=device)  # noqa: E731
-    raw_positions = ar(n)[:, None] * m + ar(c)[None, :]
-    sees_compact = ar(n_c)[None, None, :] < (ar(n) * m)[:, None, None]  # (n, 1, n_c): slots of chunks < i
+    chunk = ar(1, n)  # the chunks that are predicted: every one but the first
+    raw_positions = chunk[:, None] * m + ar(c)[None, :]
+    sees_compact = ar(n_c)[None, None, :] < (chunk * m)[:, None, None]  # (n-1, 1, n_c): slots of chunks < i
     causal = ar(c)[None, :] <= ar(c)[:, None]  # (c, c)
-    raw_mask = torch.cat([sees_compact.expand(n, c, n_c), causal.expand(n, c, c)], dim=-1)
-    # logits order: first token of chunks 1..n-1 (from the last slot of C_{i-1}), then
-    # tokens 1..c-1 of every chunk (from the raw token before them)
-    firsts = ar(1, n) * c
-    inside = (ar(n)[:, None] * c + ar(1, c)[None, :]).reshape(-1)
-    return TwoStreamLayout(n, c, k, m, ar(n_c), raw_positions, raw_mask, torch.cat([firsts, inside]))
+    raw_mask = torch.cat([sees_compact.expand(n - 1, c, n_c), causal.expand(n - 1, c, c)], dim=-1)
+    return TwoStreamLayout(n, c, k, m, ar(n_c), raw_positions, raw_mask, ar(c, n * c))
 
 
-def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_logprobs: bool = False):
-    """Mean next-token loss of one sample (1-D ids, a multiple of chunk_len long).
+def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_logprobs: bool = False,
+                       teacher: tuple[torch.Tensor, torch.Tensor] | None = None, distill: float = 0.0,
+                       token_weight: torch.Tensor | None = None):
+    """Mean next-token loss over chunks 1.. of one sample (1-D ids, a multiple of chunk_len long).
 
     `model` is an ExtEmbLlamaForCausalLM; gradients reach only its embedder (the
     LLM's parameters do not require grad). With `return_logprobs`, also returns
     the log-probability of every target token, indexed like `layout.target_at`.
+    `teacher` is `teacher_topk(model, ids, chunk_len)`, mixed in with weight `distill`;
+    `token_weight` (like ids) weights each token's share of the loss (recall samples).
     """
     n = ids.numel() // chunk_len
     if n < 2 or ids.numel() != n * chunk_len:
         raise ValueError(f"a sample must be >= 2 chunks of {chunk_len} tokens, got {ids.numel()} tokens")
+    if not 0.0 <= distill <= 1.0 or (distill > 0) != (teacher is not None):
+        raise ValueError(f"distill must be in [0, 1] and comes with a teacher, got {distill} "
+                         f"(teacher: {teacher is not None})")
     lay = two_stream_layout(n, chunk_len, k, device=ids.device)
     chunks = ids.view(n, chunk_len)
     # stream 1: all chunks but the last one (whose compact slots nobody reads), one batch
     hidden = model.embedder.encode_chunks(list(chunks[:-1]), model.embed_tokens)
     keep = keep_positions(chunk_len, k, ids.device)
-    raw = model.embed_tokens(chunks)  # (n, c, hidden)
+    raw = model.embed_tokens(chunks[1:])  # (n-1, c, hidden)
     compact = torch.cat([h[keep] for h in hidden]).to(raw.dtype)
     llm = model.llm.model
     # stream 2a: the compact slots, causal, once; keep their keys/values for every chunk
     cache = DynamicCache(config=llm.config)
     out_c = llm(inputs_embeds=compact[None], position_ids=lay.compact_positions[None],
                 past_key_values=cache, use_cache=True)
-    cache.batch_repeat_interleave(n)
-    # stream 2b: every raw chunk as one row, reading the cached slots through its block of the mask
-    out_r = llm(inputs_embeds=raw, attention_mask=lay.raw_mask[:, None], position_ids=lay.raw_positions,
-                past_key_values=cache, use_cache=True)
+    # stream 2b: every raw chunk but the first as one row, reading the slots of the chunks before it
+    if slot_attention_available(ids.device):  # CPU: only the blocks that are read (slot_attention.py)
+        slots = CompactSlots([x.keys for x in cache.layers], [x.values for x in cache.layers], lay.slots)
+        with slot_attention(model.llm):
+            out_r = llm(inputs_embeds=raw, position_ids=lay.raw_positions, use_cache=False, compact_slots=slots)
+    else:  # the slots' keys/values repeated per row, read through each row's block of the mask
+        cache.batch_repeat_interleave(n - 1)
+        out_r = llm(inputs_embeds=raw, attention_mask=lay.raw_mask[:, None], position_ids=lay.raw_positions,
+                    past_key_values=cache, use_cache=True)
     m = lay.slots
-    h = torch.cat([out_c.last_hidden_state[0, m - 1 :: m], out_r.last_hidden_state[:, :-1].reshape(-1, raw.shape[-1])])
-    logits = model.llm.lm_head(h).float()
-    targets = ids[lay.target_at]
-    loss = F.cross_entropy(logits, targets)
+    # the states that predict chunk i's tokens: the last slot of C_{i-1}, then raw tokens 0..c-2 of R_i
+    h = torch.cat([out_c.last_hidden_state[0, m - 1 :: m, None], out_r.last_hidden_state[:, :-1]], dim=1)
+    loss, logprobs = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.llm.lm_head.weight, ids[chunk_len:],
+                                          teacher=teacher, distill=distill,
+                                          row_weight=None if token_weight is None else token_weight[chunk_len:])
     if not return_logprobs:
         return loss
-    return loss, logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1), lay
+    return loss, logprobs, lay
+
+
+@torch.no_grad()
+def teacher_topk(model, ids: torch.Tensor, chunk_len: int, top: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, probabilities), each (N, top): the frozen LLM's `top` most likely next tokens for every
+    token of chunks 1.. when it reads the whole sample raw (full attention: what the slots stand in
+    for), renormalised over those `top`. With top=64 they hold most of the mass of a 135M model's
+    next-token distribution; the rest is dropped rather than spread."""
+    h = model.llm.model(input_ids=ids[None]).last_hidden_state[0, chunk_len - 1 : -1]
+    weight = model.llm.lm_head.weight
+    idx, prob = [], []
+    for s in range(0, h.shape[0], LOSS_BLOCK_ROWS):
+        logits = (h[s : s + LOSS_BLOCK_ROWS].to(weight.dtype) @ weight.T).float()
+        values, i = logits.topk(top, dim=-1)
+        idx.append(i)
+        prob.append(values.softmax(-1))
+    return torch.cat(idx), torch.cat(prob)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean loss of `h @ weight.T` against (soft) targets, in row blocks, without keeping the logits.
+
+    The weight (the LM head) is frozen, so the only gradient is d loss / d h, which is
+    computed block by block in the forward pass: (softmax - target distribution) @ weight.
+    This replaces a (N, vocab) fp32 logits tensor, its log-softmax and their backward
+    (about 15% of a training step on CPU at 4096 tokens) with one pass over the blocks.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, teacher_idx, teacher_prob, distill: float, row_weight):
+        n = h.shape[0]
+        # each row's share of the loss: uniform, or the given weights normalised to sum to 1
+        share = row_weight / row_weight.sum() if row_weight is not None else None
+        hw = h.detach().to(weight.dtype)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # softmax in fp32 at least (bf16 logits)
+        logprob = torch.empty(n, dtype=acc, device=h.device)
+        kl = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(hw) if ctx.needs_input_grad[0] else None
+        for s in range(0, n, LOSS_BLOCK_ROWS):
+            e = min(n, s + LOSS_BLOCK_ROWS)
+            logits = torch.log_softmax(hw[s:e] @ weight.T, -1, dtype=acc)  # one fused pass from bf16 logits
+            logprob[s:e] = logits.gather(-1, targets[s:e, None]).squeeze(-1)
+            if distill:
+                p = teacher_prob[s:e]
+                kl_rows = (p * (p.clamp_min(1e-30).log() - logits.gather(-1, teacher_idx[s:e]))).sum(-1)
+                kl += kl_rows.sum() / n if share is None else (kl_rows * share[s:e]).sum()
+            if grad_h is not None:
+                g = logits.exp_()  # softmax - ((1 - distill) * one-hot + distill * teacher)
+                g.scatter_add_(-1, targets[s:e, None], g.new_full((e - s, 1), distill - 1.0))
+                if distill:
+                    g.scatter_add_(-1, teacher_idx[s:e], (-distill * teacher_prob[s:e]).to(acc))
+                g *= 1.0 / n if share is None else share[s:e, None].to(acc)
+                grad_h[s:e] = g.to(weight.dtype) @ weight
+        if grad_h is not None:
+            ctx.save_for_backward(grad_h)
+        ctx.h_dtype = h.dtype
+        ctx.mark_non_differentiable(logprob)
+        ce = -logprob.mean() if share is None else -(logprob * share).sum()
+        return (1.0 - distill) * ce + distill * kl, logprob
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logprob):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_loss).to(ctx.h_dtype), None, None, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         distill: float = 0.0,
+                         row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, log-probability of each target) for hidden states `h` (N, hidden) and a frozen
+    output layer `weight` (vocab, hidden): `(1 - distill) * CE + distill * KL(teacher || student)`,
+    each a mean over rows, weighted by `row_weight` (N,) when given."""
+    idx, prob = teacher if teacher is not None else (None, None)
+    with torch.autocast(h.device.type, enabled=False):  # the dtypes are chosen inside
+        return _LinearCrossEntropy.apply(h, weight, targets, idx, prob, float(distill), row_weight)

@@ -1,0 +1,150 @@
+"""`extemb compare`: a cheap paired held-out figure for two or more embedders (ship or not).
+
+Every embedder is scored with the two-stream pass on the same fixed held-out samples
+at the same k (the trainer's eval, more samples), and each is compared with the first
+(the shipped one) per sample, so the interval is of the difference, not of two noisy
+levels. The share of the way from no context to full raw context puts the losses on
+one scale. Minutes on two CPU cores where `extemb eval ppl` at 8K takes an hour.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..model.checkpoint import load_embedder_weights, load_model
+from .data import WindowSampler, tokenize_cached
+from .recall import RecallMaker
+from .trainer import evaluate, reference_losses
+
+
+def paired_difference(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    """(mean of b - a, low, high): percentile bootstrap over the paired samples."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    lo, hi = np.quantile(d[idx].mean(1), [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def compare_embedders(model_dir: str, embedders: list[str], texts: list[str], n_samples: int = 16,
+                      sample_len: int = 4096, chunk_len: int = 512, ks=(8, 16, 32), bf16: bool | None = None,
+                      cache_dir: str = "data/cache", recall: bool = False) -> dict:
+    """{"references": {...}, "embedders": {path: {k: [loss per sample]}}, "vs_first": {path: {k: (d, lo, hi)}}};
+    with `recall`, the same for the answers of facts planted in the same windows ("recall_*")."""
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported() if bf16 is None else bf16
+    model, tok = load_model(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model.embedder.float()
+    # `texts` are held-out texts (e.g. data/*/heldout): the same fixed windows for every embedder
+    samples = WindowSampler(tokenize_cached(texts, tok, cache_dir), sample_len).fixed(n_samples)
+    refs = reference_losses(model, samples, chunk_len, bf16, per_sample=True)
+    res = {"references": refs, "embedders": {}, "vs_first": {}, "share_of_gap": {}}
+    planted = [RecallMaker(tok, chunk_len, seed=4321).make(ids) for ids in samples] if recall else []
+    if recall:
+        res.update(recall_embedders={}, recall_vs_first={})
+    for path in tqdm(embedders, desc="embedders", unit="embedder"):
+        load_embedder_weights(model.embedder, path)
+        res["embedders"][path] = evaluate(model, samples, ks, chunk_len, bf16)
+        if recall:
+            res["recall_embedders"][path] = evaluate(model, [p.ids for p in planted], ks, chunk_len, bf16,
+                                                     targets=[p.answer for p in planted])
+    for name in ("embedders", "recall_embedders") if recall else ("embedders",):
+        first = res[name][embedders[0]]
+        vs = "vs_first" if name == "embedders" else "recall_vs_first"
+        for path, by_k in res[name].items():
+            if path != embedders[0]:
+                res[vs][path] = {k: paired_difference(first[k], v) for k, v in by_k.items()}
+    none, full = np.mean(refs["no_context_per_sample"]), np.mean(refs["full_context_per_sample"])
+    for path, by_k in res["embedders"].items():
+        res["share_of_gap"][path] = {k: float((none - np.mean(v)) / (none - full)) for k, v in by_k.items()}
+    res["meta"] = dict(model=str(model_dir), texts=list(texts), samples=n_samples, sample_len=sample_len,
+                       chunk_len=chunk_len, ks=list(ks), bf16=bf16, recall=recall)
+    return res
+
+
+def format_comparison(res: dict) -> str:
+    embedders = list(res["embedders"])
+    ks = list(res["embedders"][embedders[0]])
+    r = res["references"]
+    lines = [f"held-out two-stream loss, {res['meta']['samples']} samples of {res['meta']['sample_len']} tokens "
+             f"(no context {r['no_context']:.4f}, full raw context {r['full_context']:.4f}); "
+             "[paired difference from the first embedder, 95% bootstrap over samples; below 0 = better]"]
+    tables = [("text", "embedders", "vs_first")]
+    if res["meta"].get("recall"):
+        tables.append(("recall answers (facts planted in the same windows)", "recall_embedders", "recall_vs_first"))
+    for title, name, vs in tables:
+        lines.append(f"-- {title}")
+        for path in embedders:
+            lines.append(f"  {path}")
+            for k in ks:
+                cell = f"    k={k:<3} {np.mean(res[name][path][k]):.4f}"
+                if name == "embedders":
+                    cell += f" ({res['share_of_gap'][path][k]:.0%} of the way from no context to full)"
+                if path in res[vs]:
+                    d, lo, hi = res[vs][path][k]
+                    cell += f"  {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                lines.append(cell)
+    return "\n".join(lines)
+
+
+def write_json(res: dict, path: str):
+    Path(path).write_text(json.dumps(res, indent=2) + "\n")
+
+
+def run_curves(run_dir: str | Path, weights: str = "ema") -> dict:
+    """A run's held-out curve from its log: (samples, CPU-minutes of training, loss by k) per evaluation,
+    for the moving average ("ema") or the live weights ("live"). CPU-minutes count the steps' own
+    time, not the evaluations'; step 0 (no average yet) is the starting weights."""
+    recs = [json.loads(line) for line in open(Path(run_dir) / "log.jsonl")]
+    key = "ema_loss_by_k" if weights == "ema" else "loss_by_k"
+    minutes, elapsed, sample_len = {0: 0.0}, 0.0, None
+    for r in recs:
+        if r["kind"] == "session":
+            sample_len = r["config"]["sample_len"]
+        elif r["kind"] == "train":  # logs before step_seconds: from the sample tokens and their rate
+            elapsed += r.get("step_seconds", len(r["ks"]) * sample_len / r["tokens_per_s"]) / 60
+            minutes[r["samples"]] = elapsed
+    points = [(r["samples"], minutes[r["samples"]], r.get(key) or r["loss_by_k"]) for r in recs if r["kind"] == "eval"]
+    ref = next((r for r in recs if r["kind"] == "reference"), None)
+    return {"name": Path(run_dir).name, "points": points, "reference": ref}
+
+
+def format_runs(curves: list[dict]) -> str:
+    ks = list(curves[0]["points"][0][2])
+    lines = [f"{'run':<24}{'samples':>8}{'CPU min':>9}" + "".join(f"{'k=' + k:>9}" for k in ks)]
+    for c in curves:
+        for samples, minutes, by_k in c["points"]:
+            lines.append(f"{c['name']:<24}{samples:>8}{minutes:>9.1f}" + "".join(f"{by_k[k]:>9.4f}" for k in ks))
+    return "\n".join(lines)
+
+
+def plot_runs(curves: list[dict], png: str | Path, title: str = ""):
+    """Held-out loss by k against samples (top row) and against CPU-minutes (bottom row), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = list(curves[0]["points"][0][2])
+    fig, axes = plt.subplots(2, len(ks), figsize=(4.2 * len(ks), 7), squeeze=False)
+    for col, k in enumerate(ks):
+        for i, c in enumerate(curves):
+            for row, x in enumerate(([p[0] for p in c["points"]], [p[1] for p in c["points"]])):
+                axes[row][col].plot(x, [p[2][k] for p in c["points"]], "o-", color=f"C{i}", label=c["name"])
+        ref = curves[0]["reference"]
+        for row, xlabel in enumerate(("samples seen", "CPU-minutes of training")):
+            ax = axes[row][col]
+            if ref:
+                ax.axhline(ref["full_context"], color="g", ls="--", lw=1, label="full raw context")
+            ax.set_title(f"k={k}", fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("held-out loss (chunks after the first)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or "fixed-budget comparison, held-out loss of the weights' moving average")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
