@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT:-8000}
-export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
-.venv/bin/vllm serve --model extemb-llama2 --host 127.0.0.1 --port "$PORT" --trust-request-mm-kwargs \
+# the README's serving command, on loopback and $PORT
+VLLM_CPU_NUM_OF_RESERVED_CPU=0 .venv/bin/vllm serve --model extemb-llama2 --kv-cache-memory-bytes 2G --trust-request-mm-kwargs \
+    --middleware extemb_vllm.vllm_plugin.middleware.ExtEmbRequests --host 127.0.0.1 --port "$PORT" \
     >serve.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT

@@ -14,7 +14,7 @@ else
 fi
 
 # Re-install only when what decides the install changed.
-want=$(cat pyproject.toml scripts/setup.sh patches/*.patch | sha256sum | cut -c1-16)-$FLAVOUR
+want=$(cat pyproject.toml scripts/setup.sh patches/*.patch patches/retired/*.patch | sha256sum | cut -c1-16)-$FLAVOUR
 stamp=$VENV/.extemb-installed
 if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
     exit 0
@@ -48,6 +48,13 @@ for p in patches/*.patch; do
         continue
     fi
     patch -d "$SITE" -p1 --forward -s <"$p" || { echo "[setup] $p does not apply to the installed vLLM" >&2; exit 1; }
+done
+# Patches since replaced by the plug-in itself (patches/README.md): taken out of a .venv that
+# an older set-up patched, so vLLM's files are as shipped but for patches/*.patch.
+for p in patches/retired/*.patch; do
+    if patch -d "$SITE" -p1 -R -s -f --dry-run <"$p" >/dev/null 2>&1; then
+        patch -d "$SITE" -p1 -R -s -f <"$p"
+    fi
 done
 "$VENV/bin/python" -c "import vllm, extemb_vllm, transformers" \
     || { echo "[setup] the install is broken: see the errors above" >&2; exit 1; }

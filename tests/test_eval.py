@@ -98,6 +98,11 @@ def test_ppl_tiny(tiny, tmp_path):
     k4 = cell["k4", 128]
     assert k4.vs_truncated == pytest.approx(k4.ppl / cell["truncated", 128].ppl - 1)
     assert k4.vs_truncated_low <= k4.vs_truncated <= k4.vs_truncated_high
+    # the control, paired against the same k with the right document's slots
+    mis = cell["k4-mismatched", 128]
+    assert mis.vs_matched == pytest.approx(mis.ppl / k4.ppl - 1)
+    assert mis.vs_matched_low <= mis.vs_matched <= mis.vs_matched_high and k4.vs_matched is None
+    assert "the control" in ppl.format_table(res)
     assert cell["truncated", 128].vs_truncated is None and "change against truncated" in ppl.format_table(res)
 
 

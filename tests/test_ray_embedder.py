@@ -128,3 +128,40 @@ def test_a_replica_killed_mid_request_is_retried_and_comes_back(embedder_app, ti
         time.sleep(1)
     assert _running_replicas() == 2
     assert victim["pid"] not in _replica_stats(embedder_app)
+
+
+def test_store_is_keyed_by_the_weights_and_dtype(embedder_app, tiny_checkpoint, tmp_path):
+    """The disk tier outlives a worker: after new embedder weights ship under the same path (or
+    the worker runs in another dtype), a restarted worker encodes again instead of serving
+    the old weights' outputs; with the same weights it serves them from disk."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from extemb_vllm.model.checkpoint import EMBEDDER_FILE
+
+    ckpt, store = tmp_path / "ckpt", tmp_path / "store"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    chunks = _chunks(3, seed=11)
+
+    def start(**kw):  # a fresh worker on what the checkpoint holds now, over the same disk tier
+        handle = serve.run(EmbedderWorker.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+                           .bind(str(ckpt), store_dir=str(store), **kw), name="weights-test", route_prefix=None)
+        out = EmbedderClient(handle).encode(chunks)
+        stats = handle.stats.remote().result()
+        serve.delete("weights-test")
+        return out, stats
+
+    old_out, old = start()
+    again_out, again = start()
+    weights = load_file(ckpt / EMBEDDER_FILE)
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] + 0.05}, ckpt / EMBEDDER_FILE)  # new weights ship
+    new_out, new = start()
+    _, bf16 = start(dtype="bfloat16")
+
+    assert old["chunks_encoded"] == 3 and again["chunks_encoded"] == 0 and again["store_disk_hits"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(old_out, again_out))
+    assert new["weights"] != old["weights"] and new["chunks_encoded"] == 3 and new["store_disk_hits"] == 0
+    assert not any(torch.allclose(a, b) for a, b in zip(old_out, new_out))
+    assert bf16["weights"] != new["weights"] and bf16["chunks_encoded"] == 3

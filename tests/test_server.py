@@ -20,10 +20,15 @@ KEY = "test-key"  # the server runs with --api-key: every test also checks the k
 
 @pytest.fixture(scope="module")
 def server(smollm2_checkpoint, tmp_path_factory):
-    from extemb_vllm.bench.servers import VllmServer
+    """The README's serving command exactly as written (its port, 8000), in the activated
+    .venv; the API key comes from the environment (VLLM_API_KEY), so the command is unchanged."""
+    from extemb_vllm.bench.servers import Server, readme_serve_command
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with VllmServer(MODEL, log, api_key=KEY, kv_cache_gib=1) as srv:
+    command = readme_serve_command()
+    assert "vllm serve --model extemb-llama2 " in command
+    with Server(["bash", "-c", f"source .venv/bin/activate && {command}"], 8000, log,
+                env={"VLLM_API_KEY": KEY}) as srv:
         yield srv.base_url, log
 
 

@@ -54,8 +54,9 @@ class Server:
 
     name = "server"
 
-    def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None, startup_s: float = 600):
-        self.cmd, self.port, self.log, self.startup_s = cmd, port, Path(log), startup_s
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None, startup_s: float = 600,
+                 cwd: Path = ROOT):
+        self.cmd, self.port, self.log, self.startup_s, self.cwd = cmd, port, Path(log), startup_s, cwd
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
         self.env.update(HF_HUB_OFFLINE="1", **(env or {}))
         self.base_url = f"http://127.0.0.1:{port}"
@@ -64,7 +65,7 @@ class Server:
     def __enter__(self):
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log, "w")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log_file,
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + self.startup_s
         while not self.ready():
@@ -127,17 +128,24 @@ class Server:
         return False
 
 
+# What `vllm serve` of an ExtEmb model needs beyond the model (the README's command): a KV cache
+# sized for the window (vLLM's CPU default wants 92% of a NUMA node free and refuses to start
+# on a 24 GiB machine), the plug-in's middleware, and per-request layout options.
+MIDDLEWARE = "extemb_vllm.vllm_plugin.middleware.ExtEmbRequests"
+SERVE_FLAGS = ("--kv-cache-memory-bytes", "2G", "--trust-request-mm-kwargs", "--middleware", MIDDLEWARE)
+
+
 class VllmServer(Server):
     name = "vllm serve"
 
     def __init__(self, model_dir: Path, log: Path, port: int | None = None, dtype: str = "float32",
-                 api_key: str | None = None, extra_args: tuple[str, ...] = (), kv_cache_gib: int = 2):
+                 api_key: str | None = None, extra_args: tuple[str, ...] = (), env: dict | None = None):
         port = port or free_port()
         cmd = [_bin("vllm"), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-               "--enforce-eager", "--dtype", dtype, "--trust-request-mm-kwargs", *extra_args]
+               "--enforce-eager", "--dtype", dtype, *SERVE_FLAGS, *extra_args]
         if api_key:
             cmd += ["--api-key", api_key]
-        super().__init__(cmd, port, log, env={"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)})
+        super().__init__(cmd, port, log, env=env)
         self.model = str(model_dir)
 
 
@@ -171,3 +179,15 @@ class RayAppServer(Server):
         super().__init__([_bin("serve"), "run", str(config)], port, Path(workdir) / "serve.log",
                          env={"RAY_USAGE_STATS_ENABLED": "0"})
         self.model = Path(model_dir).name
+
+
+def readme_serve_command(readme: Path = ROOT / "README.md") -> str:
+    """The `vllm serve` command of the README's "Serving" section, as written (continuation
+    lines joined): the tests and the thread measurement run exactly what users are shown."""
+    section = readme.read_text().split("\n## Serving", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    command = block.replace("\\\n", " ")
+    lines = [line.strip() for line in command.splitlines() if "vllm serve" in line]
+    if len(lines) != 1:
+        raise ValueError(f"expected one `vllm serve` line in the README's Serving block, found {lines}")
+    return " ".join(lines[0].split())

@@ -63,6 +63,9 @@ class ExtEmbConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+LAYOUT_OPTIONS = ("k", "raw_tail", "reserve", "fill_window")  # per request, in mm_processor_kwargs
+
+
 def check_request_options(opts: dict, cfg: "ExtEmbConfig") -> dict:
     """Per-request k / raw_tail / reserve / fill_window, checked the same way wherever a request
     comes in. A served k must be one of the ladder's: the embedder was trained for those."""
@@ -76,8 +79,35 @@ def check_request_options(opts: dict, cfg: "ExtEmbConfig") -> dict:
             raise ContextError(f"{key} must be a non-negative integer, got {value!r}")
     if opts.get("fill_window") is not None and not isinstance(opts["fill_window"], bool):
         raise ContextError(f"fill_window must be true or false, got {opts['fill_window']!r}")
+    # said here, by name: otherwise an over-long input fails later as "does not fit the window"
+    reserve = cfg.reserve if opts.get("reserve") is None else opts["reserve"]
+    if reserve >= cfg.window:
+        raise ContextError(f"reserve={reserve} must be smaller than the window of {cfg.window} positions")
+    if opts.get("raw_tail") is not None and opts["raw_tail"] + reserve >= cfg.window:
+        raise ContextError(f"raw_tail={opts['raw_tail']} does not fit the window: raw_tail + reserve ({reserve}) "
+                           f"must be < {cfg.window} positions, leaving room for the compact slots")
     return opts
 
+
+def layout_options(kwargs, cfg: "ExtEmbConfig") -> dict:
+    """A request's `mm_processor_kwargs` (JSON as sent) -> its checked layout options. Not an
+    object, an unknown key or a wrong type is the client's error, said by name."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise ContextError(f"mm_processor_kwargs must be a JSON object with any of {list(LAYOUT_OPTIONS)}, "
+                           f"got {json_type(kwargs)}")
+    unknown = sorted(set(kwargs) - set(LAYOUT_OPTIONS))
+    if unknown:
+        raise ContextError(f"unknown key(s) in mm_processor_kwargs: {unknown}; this model takes {list(LAYOUT_OPTIONS)}")
+    return check_request_options({k: v for k, v in kwargs.items() if v is not None}, cfg)
+
+
+def json_type(value) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 def join_context(context: list[int], prompt: list[int], bos_token_id: int | None) -> list[int]:
     """The one input order, wherever a request is laid out (plug-in, Ray router): a BOS the

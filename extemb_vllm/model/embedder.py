@@ -112,6 +112,20 @@ class ExtensibleEmbedder(nn.Module):
         return torch.cat([h[keep_positions(h.shape[0], k, h.device)] for h in out], dim=0)
 
 
-def chunk_key(ids: torch.Tensor) -> str:
-    """Content key of a chunk of token ids (stable across processes)."""
-    return hashlib.blake2b(ids.detach().to("cpu", torch.int64).numpy().tobytes(), digest_size=16).hexdigest()
+def chunk_key(ids: torch.Tensor, weights: str = "") -> str:
+    """Content key of a chunk of token ids (stable across processes); `weights` (a
+    `weights_digest`) ties the key to the weights that encode it, for caches that outlive them."""
+    h = hashlib.blake2b(weights.encode(), digest_size=16)
+    h.update(ids.detach().to("cpu", torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_digest(*modules: torch.nn.Module) -> str:
+    """Digest of modules' tensors (names, dtypes, shapes, bytes): new weights or another dtype
+    give another digest, so a store keyed with it never serves outputs of other weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for i, module in enumerate(modules):
+        for name, t in sorted(module.state_dict().items()):
+            h.update(f"{i}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # hashed in place, any dtype
+    return h.hexdigest()

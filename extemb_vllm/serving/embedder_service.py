@@ -3,7 +3,8 @@
 Each replica loads the embedder once (its L layers and the token table, not the
 LLM) on its own device, batches the chunks of all concurrent callers into one
 forward (`@serve.batch`), and keeps full-resolution outputs in a document store
-keyed by chunk content, so a chunk it has seen is never encoded again, for any k.
+keyed by chunk content and the weights' digest, so a chunk it has seen is never encoded
+again, for any k, and outputs of other weights are never served.
 Replicas on one machine can share the store's disk tier.
 
 Payloads are msgspec bytes (`wire.EncodeRequest` in, `wire.EncodeResult` or
@@ -27,7 +28,7 @@ import torch
 from ray import serve
 
 from ..model.checkpoint import load_embedder
-from ..model.embedder import chunk_key
+from ..model.embedder import chunk_key, weights_digest
 from . import wire
 from .store import DocumentStore
 
@@ -43,6 +44,9 @@ class EmbedderWorker:
         self.vocab = self.table.num_embeddings
         self.max_batch_chunks = max_batch_chunks
         self.store = DocumentStore(store_bytes, store_dir)
+        # chunk outputs are keyed by content *and* these weights in this dtype: the disk tier
+        # outlives a worker, and a worker restarted on new weights must not serve the old outputs
+        self.weights = weights_digest(self.embedder, self.table)
         self.chunks_encoded = 0
         self.forward_calls = 0
         self.pid = os.getpid()
@@ -63,7 +67,7 @@ class EmbedderWorker:
     async def _encode_batched(self, requests: list[wire.EncodeRequest]) -> list[wire.EncodeResult]:
         """All chunks of all callers in this batch: cached ones from the store, the rest encoded
         together (one forward per max_batch_chunks), each distinct chunk once."""
-        keys = [[chunk_key(torch.tensor(c)) for c in r.chunks] for r in requests]
+        keys = [[chunk_key(torch.tensor(c), self.weights) for c in r.chunks] for r in requests]
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, list[int]] = {}
         for r, ks in zip(requests, keys):
@@ -96,7 +100,7 @@ class EmbedderWorker:
         s = self.store.stats
         return {"pid": self.pid, "actor_name": ray.get_runtime_context().get_actor_name(),
                 "chunks_encoded": self.chunks_encoded, "forward_calls": self.forward_calls,
-                "store_memory_hits": s.memory_hits, "store_disk_hits": s.disk_hits}
+                "store_memory_hits": s.memory_hits, "store_disk_hits": s.disk_hits, "weights": self.weights}
 
 
 class EmbedderError(RuntimeError):

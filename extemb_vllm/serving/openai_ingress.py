@@ -29,18 +29,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ..model.config import ContextError
+from ..model.checkpoint import read_extemb_config
+from ..model.config import LAYOUT_OPTIONS, ContextError, layout_options
 from .store import DocumentStore, UnknownDocument
 
 api = FastAPI(title="extemb-vllm (Ray)")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
-LAYOUT_KEYS = ("k", "raw_tail", "reserve", "fill_window")
 METRICS_TIMEOUT_S = 5.0
 # the other fields a request may carry (`stream_options` and `user` are accepted and ignored;
 # `n` other than 1 is refused); any field outside these sets is a 400
 ACCEPTED_KEYS = ("model", "stream", "stream_options", "user", "n", "context_id", "mm_processor_kwargs")
-COMPLETION_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_KEYS, *ACCEPTED_KEYS, "prompt"))
-CHAT_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_KEYS, *ACCEPTED_KEYS, "messages", "max_completion_tokens"))
+COMPLETION_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_OPTIONS, *ACCEPTED_KEYS, "prompt"))
+CHAT_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_OPTIONS, *ACCEPTED_KEYS, "messages", "max_completion_tokens"))
 CONTEXT_KEYS = frozenset(("text", "token_ids"))
 
 
@@ -92,6 +92,7 @@ class OpenAIIngress:
         self.model_name = served_model_name or Path(model_dir).name
         config = json.loads((Path(model_dir) / "config.json").read_text())
         self.max_model_len = int(config.get("advertised_max_model_len", config["max_position_embeddings"]))
+        self.ext = read_extemb_config(model_dir)
         self.documents = DocumentStore(disk_dir=store_dir)
         self.api_keys = set(api_keys or [])
 
@@ -117,11 +118,12 @@ class OpenAIIngress:
     def _options(self, body: dict, key: str | None) -> tuple[list[int], dict]:
         """(context token ids, router options) from a request body. Layout options may also ride
         in `mm_processor_kwargs`, as `vllm serve` takes them: the same body works on both."""
-        mm = body.get("mm_processor_kwargs") or {}
-        if not isinstance(mm, dict) or set(mm) - set(LAYOUT_KEYS):
-            raise HTTPError(400, f"mm_processor_kwargs takes only {list(LAYOUT_KEYS)}, got {mm!r}")
+        try:  # the same check, and the same words, as `vllm serve` (its middleware)
+            mm = layout_options(body.get("mm_processor_kwargs"), self.ext)
+        except ContextError as e:
+            raise HTTPError(400, str(e)) from None
         body = {**body, **{k: v for k, v in mm.items() if body.get(k) is None}}
-        opts = {k: body[k] for k in (*SAMPLING_KEYS, *LAYOUT_KEYS) if body.get(k) is not None}
+        opts = {k: body[k] for k in (*SAMPLING_KEYS, *LAYOUT_OPTIONS) if body.get(k) is not None}
         opts.setdefault("max_tokens", 16)
         for name in ("max_tokens", "k", "raw_tail", "reserve", "seed"):
             if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):

@@ -18,7 +18,7 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..model import ExtEmbConfig, ExtensibleEmbedder, keep_positions
@@ -38,6 +38,12 @@ EMBEDDER_BATCH_TOKENS = 8192
     ExtEmbMultiModalProcessor, info=ExtEmbProcessingInfo, dummy_inputs=ExtEmbDummyInputsBuilder
 )
 class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
+    # checkpoint names -> this module's: the base Llama's tensors go to vLLM's Llama (whose own
+    # loader fuses q/k/v and gate/up), the embedder's to the embedder's decoder layers. vLLM's
+    # loader then checks that every parameter was loaded.
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
+        EMBEDDER_PREFIX: "embedder.body.", "model.": "language_model.model.", "lm_head.": "language_model.lm_head."})
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality == MODALITY:
@@ -94,27 +100,7 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        embedder_params = dict(self.embedder.body.named_parameters()) if self.embedder is not None else None
-        loaded: set[str] = set()
-
-        def llm_weights():
-            # stream: embedder tensors are copied as they pass, the rest go to vLLM's Llama loader
-            for name, tensor in weights:
-                if not name.startswith(EMBEDDER_PREFIX):
-                    yield name, tensor
-                    continue
-                if embedder_params is None:
-                    continue  # precomputed-only: the embedder's weights are not even kept
-                key = name[len(EMBEDDER_PREFIX):]
-                if key not in embedder_params:
-                    raise ValueError(f"unexpected embedder weight {name!r} in the checkpoint")
-                embedder_params[key].data.copy_(tensor)
-                loaded.add(f"embedder.body.{key}")
-
-        loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(llm_weights())}
-        if embedder_params is None:
-            return loaded
-        missing = {f"embedder.body.{k}" for k in embedder_params} - loaded
-        if missing:
-            raise ValueError(f"the checkpoint lacks embedder weights: {sorted(missing)[:4]}")
-        return loaded
+        # a precomputed-only engine holds no embedder: the checkpoint's embedder tensors are skipped
+        skip = [EMBEDDER_PREFIX] if self.embedder is None else None
+        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=skip)
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)

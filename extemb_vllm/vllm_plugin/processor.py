@@ -27,11 +27,10 @@ from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
 from ..model import ContextError, ExtEmbConfig, plan_compression
-from ..model.config import check_request_options, join_context
+from ..model.config import LAYOUT_OPTIONS, check_request_options, join_context
 
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
-OPTION_KEYS = ("k", "raw_tail", "reserve", "fill_window")
 SOURCE_KEYS = ("text", "token_ids", "embeds")
 EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -58,7 +57,7 @@ def _validate_context_item(item):
     if isinstance(item, str):
         return
     if isinstance(item, dict):
-        unknown = set(item) - {*SOURCE_KEYS, *OPTION_KEYS}
+        unknown = set(item) - {*SOURCE_KEYS, *LAYOUT_OPTIONS}
         if unknown:
             raise ContextError(f"unknown keys in a context item: {sorted(unknown)}")
         if sum(key in item for key in SOURCE_KEYS) != 1:
@@ -114,9 +113,9 @@ class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
 
 def request_options(item, request_kwargs: Mapping[str, object], ext: ExtEmbConfig) -> dict:
     """k / raw_tail / reserve / fill_window of a request (the item's own override the request's), validated."""
-    opts = {k: request_kwargs[k] for k in OPTION_KEYS if request_kwargs.get(k) is not None}
+    opts = {k: request_kwargs[k] for k in LAYOUT_OPTIONS if request_kwargs.get(k) is not None}
     if isinstance(item, dict):
-        opts.update({k: item[k] for k in OPTION_KEYS if item.get(k) is not None})
+        opts.update({k: item[k] for k in LAYOUT_OPTIONS if item.get(k) is not None})
     return check_request_options(opts, ext)
 
 

@@ -16,9 +16,9 @@ import dataclasses
 from vllm.renderers.hf import HfRenderer
 
 from ..model import ExtEmbConfig
-from ..model.config import max_context_tokens
+from ..model.config import layout_options, max_context_tokens
 from . import ARCHITECTURE
-from .processor import MODALITY, request_options
+from .processor import MODALITY
 
 
 class ExtEmbRenderer(HfRenderer):
@@ -51,7 +51,8 @@ class ExtEmbRenderer(HfRenderer):
         if self.ext is None or prompt.get("multi_modal_data"):
             return prompt
         ids = prompt["prompt_token_ids"]
-        opts = request_options(None, prompt.get("mm_processor_kwargs") or {}, self.ext)
+        # the request's own options, checked here: a list or a string is the client's 400, not a 500
+        opts = layout_options(prompt.get("mm_processor_kwargs"), self.ext)
         fits = len(ids) <= self.ext.window - opts.get("reserve", self.ext.reserve)
         # a given k may compress even what fits (with fill_window off): the processor decides
         if len(ids) < 2 or (fits and opts.get("k") is None):

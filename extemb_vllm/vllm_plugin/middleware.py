@@ -1,0 +1,178 @@
+"""ASGI middleware for `vllm serve` of an ExtEmb model: what the plug-in owns at the HTTP layer.
+
+    vllm serve --model extemb-llama2 --middleware extemb_vllm.vllm_plugin.middleware.ExtEmbRequests
+
+- A completion or chat request with a field vLLM does not know (`max_token`,
+  `mm_processor_kwarg`) is a 400 naming it: vLLM would ignore it and serve the answer as if
+  the option had been honoured.
+- `mm_processor_kwargs` must be an object of this model's layout options with the right JSON
+  types (`model.config.layout_options`, the same check as the Ray ingress): a 400 that names
+  the problem before the request reaches the engine.
+- `GET /v1/models` advertises the extended length (the config's `advertised_max_model_len`)
+  as `max_model_len`: vLLM reports the KV window, not what a client may send.
+
+It acts only when the served model is an ExtEmb model and passes everything else through
+untouched, so the same flag on another model's server changes nothing. It runs outside
+vLLM's own middleware (vLLM adds `--middleware` last), so where the server has API keys it
+checks a body only for a request that carries one of them: any other gets vLLM's 401 first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from functools import cached_property
+
+from ..model.config import ContextError, ExtEmbConfig, layout_options
+from . import ARCHITECTURE
+
+# vLLM reads these off a request with getattr; they are not fields of its request models
+# (vllm 0.32.0, entrypoints/serve/engine/protocol.py): they are not unknown.
+READ_WITH_GETATTR = frozenset({"mm_processor_kwargs", "media_io_kwargs", "kv_cache_report_mode"})
+MAX_CHECKED_BODY = 64 << 20  # larger bodies go to vLLM unread (it refuses them by length anyway)
+
+
+def _request_fields() -> dict[str, frozenset]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    def names(model):
+        fields = model.model_fields
+        return frozenset(fields) | {f.alias for f in fields.values() if f.alias} | READ_WITH_GETATTR
+
+    return {"/v1/completions": names(CompletionRequest), "/v1/chat/completions": names(ChatCompletionRequest)}
+
+
+def check_request(path: str, body, ext: ExtEmbConfig, fields: dict[str, frozenset]) -> str | None:
+    """The reason a completion/chat request body is refused, or None. Bodies that are not a JSON
+    object are left to vLLM, which answers them itself."""
+    if not isinstance(body, dict):
+        return None
+    unknown = sorted(set(body) - fields[path])
+    if unknown:
+        return f"unknown field(s) in the request: {unknown}"
+    try:
+        layout_options(body.get("mm_processor_kwargs"), ext)
+    except ContextError as e:
+        return str(e)
+    return None
+
+
+class ExtEmbRequests:
+    def __init__(self, app):
+        self.app = app
+
+    @cached_property
+    def fields(self) -> dict[str, frozenset]:
+        return _request_fields()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        hf = _served_hf_config(scope)
+        if hf is None or ARCHITECTURE not in (getattr(hf, "architectures", None) or []):
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if method == "GET" and path == "/v1/models":
+            return await self.app(scope, receive, _advertising(send, getattr(hf, "advertised_max_model_len", None)))
+        if method != "POST" or path not in self.fields or not _authorised(scope):
+            return await self.app(scope, receive, send)
+
+        body, messages = await _read_body(receive)
+        if body is not None:
+            try:
+                decoded = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                decoded = None  # vLLM answers malformed JSON with its own 400
+            reason = check_request(path, decoded, ExtEmbConfig.from_dict(hf.extemb), self.fields)
+            if reason is not None:
+                return await _bad_request(send, reason)
+        return await self.app(scope, _replay(messages, receive), send)
+
+
+def _served_hf_config(scope):
+    """The served model's HF config, from the FastAPI app's state (set by vLLM at start-up)."""
+    app = scope.get("app")
+    vllm_config = getattr(getattr(app, "state", None), "vllm_config", None)
+    return getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+
+
+def _authorised(scope) -> bool:
+    """True without API keys, or with a request bearing one (vLLM's --api-key / VLLM_API_KEY):
+    an unauthorised request goes on to vLLM's 401 and learns nothing from our checks."""
+    args = getattr(getattr(scope.get("app"), "state", None), "args", None)
+    keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY", "")]) if k]
+    if not keys:
+        return True
+    auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    given = hashlib.sha256(auth.removeprefix("Bearer ").encode()).digest()
+    return any(hmac.compare_digest(given, hashlib.sha256(k.encode()).digest()) for k in keys)
+
+
+async def _read_body(receive) -> tuple[bytes | None, list[dict]]:
+    """The whole request body (None past MAX_CHECKED_BODY), and the messages read, to replay."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":  # the client went away: let the app see it
+            return None, messages
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    if size > MAX_CHECKED_BODY:
+        return None, messages
+    return b"".join(m.get("body", b"") for m in messages), messages
+
+
+def _replay(messages: list[dict], receive):
+    pending = list(messages)
+
+    async def replayed():
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+async def _bad_request(send, message: str):
+    payload = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
+                                    "code": 400}}).encode()
+    await send({"type": "http.response.start", "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _advertising(send, advertised: int | None):
+    """`send` with /v1/models' body rewritten: every card's max_model_len = the extended length."""
+    if not advertised:
+        return send
+    start = None
+    chunks: list[bytes] = []
+
+    async def rewriting(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message  # held back: the length changes
+            return
+        if message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(chunks)
+        if start["status"] == 200:
+            try:
+                listing = json.loads(body)
+                for card in listing.get("data", []):
+                    card["max_model_len"] = int(advertised)
+                body = json.dumps(listing).encode()
+            except (ValueError, AttributeError, TypeError):
+                pass  # not the listing we know: pass it on as it is
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return rewriting
+

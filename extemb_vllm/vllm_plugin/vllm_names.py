@@ -1,0 +1,42 @@
+"""vLLM names the project relies on beyond the documented plug-in entry points, in one place.
+
+vLLM's plug-in API moves between releases (the pin is in pyproject.toml). Each entry is
+"module:attribute[.attribute]" -> where we use it; all were checked against CHECKED_WITH.
+tests/test_vllm_names.py resolves every one in the installed vLLM and fails naming the one
+that moved, so an upgrade breaks loudly in one test instead of deep inside a server.
+"""
+
+CHECKED_WITH = "0.32.0"
+
+PRIVATE_NAMES = {
+    # renderer.py: the default renderer, extended for ExtEmb models (over-long prompts)
+    "vllm.renderers.registry:RENDERER_REGISTRY": "__init__.py registers the renderer",
+    "vllm.renderers.hf:HfRenderer": "renderer.py subclasses it",
+    "vllm.renderers.hf:HfRenderer._tokenize_singleton_prompt": "renderer.py: extended length",
+    "vllm.renderers.hf:HfRenderer._tokenize_singleton_prompt_async": "renderer.py: extended length",
+    "vllm.renderers.hf:HfRenderer._process_tokens": "renderer.py: over-long prompt -> context request",
+    "vllm.renderers.hf:HfRenderer._process_tokens_async": "renderer.py: over-long prompt -> context request",
+    # processor.py: the "context" modality
+    "vllm.multimodal.parse:MultiModalDataParser._get_subparsers": "processor.py: the context parser",
+    "vllm.multimodal.parse:ProcessorBatchItems": "processor.py: context items",
+    "vllm.multimodal.processing:BaseMultiModalProcessor.apply": "processor.py lays out the prompt",
+    "vllm.multimodal.processing:BaseMultiModalProcessor._get_mm_fields_config": "processor.py",
+    "vllm.multimodal.processing:BaseMultiModalProcessor._get_prompt_updates": "processor.py",
+    "vllm.multimodal.processing:BaseProcessingInfo._get_expected_hidden_size": "processor.py: precomputed embeds",
+    "vllm.inputs:mm_input": "processor.py builds the processed input",
+    "vllm.multimodal.inputs:MultiModalKwargsItems.from_hf_inputs": "processor.py",
+    # model.py
+    "vllm.model_executor.models.interfaces:SupportsMultiModal._mark_tower_model": "model.py: the embedder",
+    "vllm.model_executor.models.interfaces:SupportsMultiModal._mark_language_model": "model.py: the Llama",
+    "vllm.model_executor.models.interfaces:SupportsMultiModal.configure_mm_token_handling": "model.py",
+    "vllm.model_executor.models.utils:AutoWeightsLoader": "model.py loads the checkpoint",
+    "vllm.model_executor.models.utils:WeightsMapper": "model.py: checkpoint names -> module names",
+    # middleware.py: request models and the app state vLLM's server sets
+    "vllm.entrypoints.openai.completion.protocol:CompletionRequest": "middleware.py: known fields",
+    "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest": "middleware.py: known fields",
+    "vllm.entrypoints.launchers.api_server.app_state:init_app_state": "middleware.py reads app.state.vllm_config",
+    "vllm.entrypoints.serve.middleware.register:init_entrypoints_middleware": "vllm serve --middleware",
+    # serving/llm_service.py: which engine errors are the request's fault
+    "vllm.exceptions:VLLMClientError": "llm_service.py",
+    "vllm.v1.engine.exceptions:EngineGenerateError": "llm_service.py",
+}
