@@ -43,6 +43,40 @@ def _request_fault(e: Exception) -> str | None:
     return str(cause) if isinstance(cause, (ValueError, VLLMClientError)) else None
 
 
+def _sampling_params(req: wire.GenerateRequest):
+    """The request's vLLM SamplingParams: as the ingress made them from the OpenAI request, or
+    from the wire's own fields. Outputs are always cumulative: the worker cuts its deltas."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.serial_utils import MsgpackDecoder
+
+    if req.sampling is None:
+        sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                            ignore_eos=req.ignore_eos, logprobs=0 if req.logprobs else None)
+    else:
+        try:
+            sp = MsgpackDecoder(SamplingParams).decode(req.sampling)
+        except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed payload
+            raise wire.WireError(f"malformed sampling parameters: {e}") from None
+        if req.logprobs and sp.logprobs is None:
+            sp.logprobs = 0
+    sp.output_kind = RequestOutputKind.CUMULATIVE
+    return sp
+
+
+def _choice(o, token_ids, logprobs) -> wire.Choice:
+    """A vLLM CompletionOutput (or the tokens and logprobs of its latest step) on the wire."""
+    steps = None
+    if logprobs is not None:
+        steps = []
+        for token, step in zip(token_ids, logprobs):
+            chosen = step[token]
+            top = sorted(((t, lp) for t, lp in step.items() if t != token), key=lambda x: -x[1].logprob)
+            steps.append([wire.TokenLogprob(t, lp.logprob, lp.decoded_token or "")
+                          for t, lp in [(token, chosen), *top]])
+    return wire.Choice(o.index, list(token_ids), o.text, o.finish_reason, o.stop_reason, steps)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class LLMWorker:
     def __init__(self, model_dir: str, dtype: str = "float32", **engine_kwargs):
@@ -54,46 +88,54 @@ class LLMWorker:
                                limit_mm_per_prompt={"context": 1}, **engine_kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
 
-    async def _outputs(self, req: wire.GenerateRequest):
-        from vllm import SamplingParams
-
+    async def _outputs(self, req: wire.GenerateRequest, sp):
         prompt = {"prompt_token_ids": req.prompt_token_ids}
         if req.context is not None:
             item = {"embeds": req.context.to_torch()}
             if req.reserve is not None:
                 item["reserve"] = req.reserve
             prompt["multi_modal_data"] = {"context": item}
-        sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                            ignore_eos=req.ignore_eos, logprobs=0 if req.logprobs else None)
         async for out in self.engine.generate(prompt, sp, request_id=uuid.uuid4().hex):
             yield out
 
     async def generate(self, payload: bytes) -> bytes:
         try:
             req = wire.decode(payload, wire.GenerateRequest)
-            final = None
-            async for out in self._outputs(req):
-                final = out
+            latest, prompt_positions = {}, 0  # with n > 1 an output carries the choices that moved
+            async for out in self._outputs(req, _sampling_params(req)):
+                latest.update({o.index: o for o in out.outputs})
+                prompt_positions = len(out.prompt_token_ids)
         except Exception as e:  # WireError, the processor's input checks (shape, window, NaN, ...)
             if (reason := _request_fault(e)) is None:
                 raise
             return wire.encode(wire.ErrorReply("bad_request", reason))
-        o = final.outputs[0]
-        logprobs = [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)] if req.logprobs else None
-        return wire.encode(wire.GenerateResult(list(o.token_ids), o.text, o.finish_reason,
-                                               len(final.prompt_token_ids), logprobs))
+        choices = [_choice(o, o.token_ids, o.logprobs) for _, o in sorted(latest.items())]
+        first = choices[0]
+        logprobs = [step[0].logprob for step in first.logprobs] if req.logprobs and first.logprobs else None
+        return wire.encode(wire.GenerateResult(first.token_ids, first.text, first.finish_reason, prompt_positions,
+                                               logprobs, choices))
 
     async def generate_stream(self, payload: bytes):
-        """Streams wire.GenerateDelta bytes; a bad request yields one ErrorReply. A caller that
-        stops iterating cancels the generator, and vLLM aborts the request (its KV blocks free)."""
+        """Streams wire.GenerateDelta bytes, one per choice that moved; a bad request yields one
+        ErrorReply. A caller that stops iterating cancels the generator, and vLLM aborts the
+        request (its KV blocks free)."""
         try:
             req = wire.decode(payload, wire.GenerateRequest)
-            n_tokens, n_chars = 0, 0
-            async for out in self._outputs(req):
-                o = out.outputs[0]
-                yield wire.encode(wire.GenerateDelta(list(o.token_ids[n_tokens:]), o.text[n_chars:], o.finish_reason,
-                                                     len(out.prompt_token_ids)))
-                n_tokens, n_chars = len(o.token_ids), len(o.text)
+            sp = _sampling_params(req)
+            sent: dict[int, tuple[int, int]] = {}  # choice -> (tokens, characters) already sent
+            finished: set[int] = set()
+            async for out in self._outputs(req, sp):
+                for o in out.outputs:
+                    n_tokens, n_chars = sent.get(o.index, (0, 0))
+                    if o.index in finished or (len(o.token_ids) == n_tokens and o.finish_reason is None):
+                        continue
+                    if o.finish_reason is not None:
+                        finished.add(o.index)
+                    c = _choice(o, o.token_ids[n_tokens:], o.logprobs[n_tokens:] if o.logprobs else None)
+                    yield wire.encode(wire.GenerateDelta(c.token_ids, o.text[n_chars:], c.finish_reason,
+                                                         len(out.prompt_token_ids), c.index, sp.n,
+                                                         c.stop_reason, c.logprobs))
+                    sent[o.index] = (len(o.token_ids), len(o.text))
         except Exception as e:
             if (reason := _request_fault(e)) is None:
                 raise
@@ -136,7 +178,8 @@ class ExtEmbRouter:
 
     async def generate(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
                        **options) -> wire.GenerateResult:
-        """options: k, raw_tail, reserve, fill_window, and wire.GenerateRequest's sampling fields."""
+        """options: k, raw_tail, reserve, fill_window, and wire.GenerateRequest's sampling fields
+        (`sampling`: vLLM SamplingParams made by the ingress from an OpenAI request)."""
         reply = await self.llm.generate.remote(await self._payload(prompt_token_ids, context_token_ids, **options))
         return wire.decode_reply(reply, wire.GenerateResult)
 
@@ -146,12 +189,14 @@ class ExtEmbRouter:
     async def generate_stream(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
                               **options):
         payload = await self._payload(prompt_token_ids, context_token_ids, **options)
-        finished = False
+        finished, n_choices = set(), 1
         async for reply in self.llm.options(stream=True).generate_stream.remote(payload):
             delta = wire.decode_reply(reply, wire.GenerateDelta)
-            finished = delta.finish_reason is not None
+            n_choices = delta.n_choices
+            if delta.finish_reason is not None:
+                finished.add(delta.index)
             yield delta
-        if not finished:  # a replica that died can end the stream quietly: never pass that off as an answer
+        if len(finished) < n_choices:  # a replica that died can end the stream quietly: never pass that off as done
             raise LLMStreamError("the LLM replica's stream ended before the answer was finished")
 
 

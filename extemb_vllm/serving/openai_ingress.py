@@ -6,9 +6,13 @@ an id that later requests name in `context_id` (with any `k`): its chunks are en
 on first use and served from the embedder workers' store afterwards. Per-request
 `k`, `raw_tail`, `reserve`, `fill_window` and `context_id` ride in the body (the OpenAI client's
 `extra_body`); the layout options also in `mm_processor_kwargs`, as `vllm serve` takes
-them, so one request body works against both. With `api_keys` configured, a request
-needs `Authorization: Bearer <key>` and a document id is visible only to the key that
-registered it.
+them, so one request body works against both. Requests are validated with vLLM's own
+OpenAI request models and turned into vLLM `SamplingParams` exactly as `vllm serve` does
+(stop, n, logprobs, penalties, top_k, response_format, ...), which travel to the LLM replica
+in vLLM's own msgpack encoding; the few fields that change the answer's form and that this
+app does not produce (`echo`, `suffix`, tools, ...) are refused by name. With `api_keys`
+configured, a request needs `Authorization: Bearer <key>` and a document id is visible only
+to the key that registered it.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "code"}}`: 400 for bad
 input (with the reason, unknown fields included), 401 for a missing or wrong key, 404 for
@@ -31,16 +35,20 @@ from ray import serve
 
 from ..model.checkpoint import read_extemb_config
 from ..model.config import LAYOUT_OPTIONS, ContextError, layout_options
+from ..vllm_plugin.middleware import check_request, request_fields
 from .store import DocumentStore, UnknownDocument
 
 api = FastAPI(title="extemb-vllm (Ray)")
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
 METRICS_TIMEOUT_S = 5.0
-# the other fields a request may carry (`stream_options` and `user` are accepted and ignored;
-# `n` other than 1 is refused); any field outside these sets is a 400
-ACCEPTED_KEYS = ("model", "stream", "stream_options", "user", "n", "context_id", "mm_processor_kwargs")
-COMPLETION_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_OPTIONS, *ACCEPTED_KEYS, "prompt"))
-CHAT_KEYS = frozenset((*SAMPLING_KEYS, *LAYOUT_OPTIONS, *ACCEPTED_KEYS, "messages", "max_completion_tokens"))
+# The Ray app's own fields beside vLLM's request models: a registered document, and the layout
+# options also at the top level (in `mm_processor_kwargs` too, as `vllm serve` takes them).
+RAY_FIELDS = frozenset(("context_id", *LAYOUT_OPTIONS))
+# Fields of vLLM's request models that change the form of the answer and that this app does not
+# produce: refused by name (a 400), never silently ignored.
+NOT_SERVED = ("echo", "suffix", "prompt_logprobs", "prompt_embeds", "tools", "tool_choice", "functions",
+              "function_call", "return_tokens_as_token_ids", "logprob_token_ids", "continue_final_message")
+# generation_config.json keys vLLM takes as the server's sampling defaults (`--generation-config auto`)
+DEFAULT_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 CONTEXT_KEYS = frozenset(("text", "token_ids"))
 
 
@@ -80,6 +88,65 @@ def _unknown_fields(body: dict, known: frozenset) -> None:
         raise HTTPError(400, f"unknown field(s) in the request: {extra}")
 
 
+def _validated(body: dict, chat: bool):
+    """The body as vLLM's own OpenAI request model (the one `vllm serve` validates with): the same
+    fields, types and limits; what it refuses is a 400 with pydantic's reasons."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.exceptions import VLLMClientError
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    try:
+        req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(
+            {k: v for k, v in body.items() if k not in RAY_FIELDS})
+    except ValidationError as e:
+        reasons = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+        raise HTTPError(400, reasons) from None
+    except (ValueError, VLLMClientError) as e:  # vLLM's own model validators
+        raise HTTPError(400, str(e)) from None
+    unserved = [f for f in NOT_SERVED if body.get(f) not in (None, False, [], {})]
+    if unserved:
+        raise HTTPError(400, f"{unserved} not served by the Ray app (use `vllm serve` for them)")
+    return req
+
+
+def _sampling_bytes(req, chat: bool, unset_max_tokens: int, defaults: dict) -> bytes:
+    """vLLM SamplingParams from the request exactly as `vllm serve` makes them, in vLLM's msgpack.
+    `unset_max_tokens`: the limit where the request sets none."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.serial_utils import MsgpackEncoder
+
+    max_tokens = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
+    try:
+        sp = req.to_sampling_params(unset_max_tokens if max_tokens is None else max_tokens, defaults)
+    except (ValueError, VLLMClientError) as e:  # SamplingParams' checks (max_tokens >= 1, penalties, ...)
+        raise HTTPError(400, str(e)) from None
+    bufs = MsgpackEncoder().encode(sp)
+    if len(bufs) != 1:  # only tensors travel out of band; sampling parameters have none
+        raise HTTPError(400, "these sampling parameters cannot be sent to the LLM replica")
+    return bytes(bufs[0])
+
+
+def _logprobs_json(steps, chat: bool, top: int | None):
+    """A choice's logprobs in OpenAI's shape (completions or chat), from wire.TokenLogprob steps
+    (the chosen token first, then the most likely)."""
+    if steps is None:
+        return None
+    if chat:
+        def entry(t):
+            return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+        return {"content": [{**entry(step[0]), "top_logprobs": [entry(t) for t in sorted(step, key=lambda t: -t.logprob)[:top]]}
+                            for step in steps]}
+    tokens = [step[0].text for step in steps]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [step[0].logprob for step in steps],
+            "top_logprobs": [{t.text: t.logprob for t in step} for step in steps] if top else None,
+            "text_offset": offsets}
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(api)
 class OpenAIIngress:
@@ -93,6 +160,10 @@ class OpenAIIngress:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         self.max_model_len = int(config.get("advertised_max_model_len", config["max_position_embeddings"]))
         self.ext = read_extemb_config(model_dir)
+        self.fields = {path: known | RAY_FIELDS for path, known in request_fields().items()}
+        generation = Path(model_dir) / "generation_config.json"
+        generation = json.loads(generation.read_text()) if generation.exists() else {}
+        self.default_sampling = {k: generation[k] for k in DEFAULT_SAMPLING_KEYS if k in generation}
         self.documents = DocumentStore(disk_dir=store_dir)
         self.api_keys = set(api_keys or [])
 
@@ -116,26 +187,13 @@ class OpenAIIngress:
         return body
 
     def _options(self, body: dict, key: str | None) -> tuple[list[int], dict]:
-        """(context token ids, router options) from a request body. Layout options may also ride
+        """(context token ids, layout options) from a request body. Layout options may also ride
         in `mm_processor_kwargs`, as `vllm serve` takes them: the same body works on both."""
         try:  # the same check, and the same words, as `vllm serve` (its middleware)
             mm = layout_options(body.get("mm_processor_kwargs"), self.ext)
         except ContextError as e:
             raise HTTPError(400, str(e)) from None
-        body = {**body, **{k: v for k, v in mm.items() if body.get(k) is None}}
-        opts = {k: body[k] for k in (*SAMPLING_KEYS, *LAYOUT_OPTIONS) if body.get(k) is not None}
-        opts.setdefault("max_tokens", 16)
-        for name in ("max_tokens", "k", "raw_tail", "reserve", "seed"):
-            if name in opts and (isinstance(opts[name], bool) or not isinstance(opts[name], int)):
-                raise HTTPError(400, f"{name} must be an integer, got {opts[name]!r}")
-        for name in ("ignore_eos", "fill_window"):
-            if not isinstance(opts.get(name, False), bool):
-                raise HTTPError(400, f"{name} must be true or false, got {opts[name]!r}")
-        for name in ("temperature", "top_p"):
-            if name in opts:
-                if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)):
-                    raise HTTPError(400, f"{name} must be a number, got {opts[name]!r}")
-                opts[name] = float(opts[name])
+        opts = {**mm, **{k: body[k] for k in LAYOUT_OPTIONS if body.get(k) is not None}}
         context = []
         if body.get("context_id") is not None:
             try:
@@ -144,20 +202,20 @@ class OpenAIIngress:
                 raise HTTPError(404, str(e), "NotFoundError") from None
         return context, opts
 
-    async def _run(self, prompt_ids: list[int], context: list[int], opts: dict, stream: bool, chat: bool):
+    async def _run(self, prompt_ids: list[int], context: list[int], opts: dict, req, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        if not stream:
+        top = (req.top_logprobs if req.logprobs else None) if chat else req.logprobs
+        if not req.stream:
             try:
                 out = await self.router.generate.remote(prompt_ids, context, **opts)
             except Exception as e:  # the router's errors arrive wrapped by Ray
                 raise _failure(e) from None
-            choice = ({"index": 0, "message": {"role": "assistant", "content": out.text},
-                       "finish_reason": out.finish_reason} if chat else
-                      {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None})
+            choices = [self._choice_json(c, c.text, c.logprobs, chat, top) for c in out.choices]
+            generated = sum(len(c.token_ids) for c in out.choices)
             return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                 "created": created, "model": self.model_name, "choices": [choice],
-                                 "usage": _usage(out.prompt_positions, len(out.token_ids))})
+                                 "created": created, "model": self.model_name, "choices": choices,
+                                 "usage": _usage(out.prompt_positions, generated)})
 
         gen = self.router.options(stream=True).generate_stream.remote(prompt_ids, context, **opts)
         # pull the first delta before answering, so a bad request still gets its 400
@@ -170,24 +228,24 @@ class OpenAIIngress:
             raise _failure(e) from None
 
         async def events():
-            delta = first
-            sent_role = False
+            delta, started, finished, generated = first, set(), set(), 0
             while True:
-                if chat:
-                    d = {"content": delta.text} | ({} if sent_role else {"role": "assistant"})
-                    sent_role = True
-                    choice = {"index": 0, "delta": d, "finish_reason": delta.finish_reason}
-                else:
-                    choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason, "logprobs": None}
+                choice = self._choice_json(delta, delta.text, delta.logprobs, chat, top, stream=True)
+                if chat and delta.index not in started:
+                    choice["delta"]["role"] = "assistant"
+                started.add(delta.index)
+                generated += len(delta.token_ids)
                 chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": created, "model": self.model_name, "choices": [choice]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 if delta.finish_reason is not None:
+                    finished.add(delta.index)
+                if len(finished) == delta.n_choices:
                     break
                 try:
                     delta = await gen.__anext__()
                     continue
-                except StopAsyncIteration:  # ended without its final delta: a replica failed
+                except StopAsyncIteration:  # ended before every choice finished: a replica failed
                     err = HTTPError(503, "the server's stream ended before the answer was finished; retry it",
                                     "ServiceUnavailableError")
                 except Exception as e:
@@ -196,45 +254,63 @@ class OpenAIIngress:
                 error = {"message": err.message, "type": err.kind, "code": err.status}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
+            if req.stream_options and req.stream_options.include_usage:
+                usage = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                         "created": created, "model": self.model_name, "choices": [],
+                         "usage": _usage(delta.prompt_positions, generated)}
+                yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @staticmethod
+    def _choice_json(c, text: str, logprobs, chat: bool, top, stream: bool = False) -> dict:
+        """One choice (a wire.Choice or a wire.GenerateDelta) in OpenAI's shape."""
+        out = {"index": c.index, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+               "logprobs": _logprobs_json(logprobs, chat, top)}
+        if not chat:
+            return {**out, "text": text}
+        return {**out, "delta" if stream else "message": {"content": text} if stream else
+                {"role": "assistant", "content": text}}
 
     async def _handle(self, request: Request, chat: bool):
         try:
             key = self._key(request)
             body = await self._body(request)
-            _unknown_fields(body, CHAT_KEYS if chat else COMPLETION_KEYS)
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            # the same refusals, with the same words, as the middleware of `vllm serve`
+            if (reason := check_request(path, body, self.ext, self.fields)) is not None:
+                raise HTTPError(400, reason)
             if body.get("model") not in (None, self.model_name):
                 raise HTTPError(404, f"The model `{body['model']}` does not exist (this server has "
                                      f"`{self.model_name}`)", "NotFoundError")
-            if body.get("n", 1) != 1:
-                raise HTTPError(400, "n must be 1 (one choice per request)")
-            if chat and body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
-                body["max_tokens"] = body["max_completion_tokens"]
             if chat:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages:
                     raise HTTPError(400, "messages must be a non-empty list")
+            else:
+                prompt = body.get("prompt")
+                ok_ids = isinstance(prompt, list) and prompt and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+                if not ((isinstance(prompt, str) and prompt.strip()) or ok_ids):
+                    raise HTTPError(400, "prompt must be a non-empty string or a list of token ids")
+            req = _validated(body, chat)
+            if chat:
                 try:
-                    prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                    tokenize=True, return_dict=False)
+                    prompt_ids = self.tokenizer.apply_chat_template(
+                        messages, add_generation_prompt=req.add_generation_prompt, tokenize=True, return_dict=False,
+                        **(req.chat_template_kwargs or {}))
                 except Exception as e:
                     raise HTTPError(400, f"cannot apply the chat template: {e}") from None
             else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, str) and prompt.strip():
-                    prompt_ids = self.tokenizer(prompt).input_ids
-                elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                                 for t in prompt):
-                    prompt_ids = prompt
-                else:
-                    raise HTTPError(400, "prompt must be a non-empty string or a list of token ids")
+                prompt_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else prompt
             context, opts = self._options(body, key)
             if len(context) + len(prompt_ids) > self.max_model_len:
                 raise HTTPError(400, f"{len(context) + len(prompt_ids)} tokens exceed this model's extended "
                                      f"length of {self.max_model_len} tokens")
-            return await self._run(list(prompt_ids), context, opts, bool(body.get("stream")), chat)
+            # unset, generation may use the window positions kept for it (as over `vllm serve`)
+            sampling = _sampling_bytes(req, chat, self.ext.reserve, self.default_sampling)
+            return await self._run(list(prompt_ids), context, {**opts, "sampling": sampling}, req, chat)
         except HTTPError as e:
             return _error(e.status, e.message, e.kind)
 

@@ -90,7 +90,12 @@ class EncodeResult(msgspec.Struct, frozen=True):
 
 class GenerateRequest(msgspec.Struct, frozen=True):
     """One generation on an LLM replica: the raw part as tokens, the compressed part as compact
-    embeddings made by the embedder workers (None when the input fits the window raw)."""
+    embeddings made by the embedder workers (None when the input fits the window raw).
+
+    `sampling`, when set, is a vLLM `SamplingParams` in vLLM's own msgpack encoding (what its
+    API server sends its engine): every option of an OpenAI request (stop, n, penalties,
+    logprobs, response_format, ...) reaches the engine as `vllm serve` would pass it. Without
+    it the few fields below make the parameters (callers inside the project, tests)."""
 
     prompt_token_ids: list[int]
     context: Tensor | None = None
@@ -101,6 +106,7 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: bool = False
+    sampling: bytes | None = None
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -113,21 +119,44 @@ class GenerateRequest(msgspec.Struct, frozen=True):
             raise WireError("temperature must be >= 0 and top_p in (0, 1]")
 
 
-class GenerateResult(msgspec.Struct, frozen=True):
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    logprob: float
+    text: str  # the token as the engine decoded it
+
+
+class Choice(msgspec.Struct, frozen=True):
+    """One of a request's n completions. `logprobs`, when asked for: per generated token, the
+    chosen token first, then the most likely ones (as many as asked)."""
+
+    index: int
     token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    logprobs: list[list[TokenLogprob]] | None = None
+
+
+class GenerateResult(msgspec.Struct, frozen=True):
+    token_ids: list[int]  # token_ids / text / finish_reason / logprobs: the first choice's
     text: str
     finish_reason: str | None
     prompt_positions: int  # positions the LLM read: compact slots + raw tokens
     logprobs: list[float] | None = None
+    choices: list[Choice] = []  # all n choices
 
 
 class GenerateDelta(msgspec.Struct, frozen=True):
-    """One streamed step: the new tokens and text since the previous delta."""
+    """One streamed step of one choice: its new tokens and text since its previous delta."""
 
     token_ids: list[int]
     text: str
     finish_reason: str | None
     prompt_positions: int
+    index: int = 0
+    n_choices: int = 1  # the stream is complete once this many choices have finished
+    stop_reason: int | str | None = None
+    logprobs: list[list[TokenLogprob]] | None = None
 
 
 class ErrorReply(msgspec.Struct, frozen=True):

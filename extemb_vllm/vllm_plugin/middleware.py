@@ -34,7 +34,7 @@ READ_WITH_GETATTR = frozenset({"mm_processor_kwargs", "media_io_kwargs", "kv_cac
 MAX_CHECKED_BODY = 64 << 20  # larger bodies go to vLLM unread (it refuses them by length anyway)
 
 
-def _request_fields() -> dict[str, frozenset]:
+def request_fields() -> dict[str, frozenset]:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -66,7 +66,7 @@ class ExtEmbRequests:
 
     @cached_property
     def fields(self) -> dict[str, frozenset]:
-        return _request_fields()
+        return request_fields()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
