@@ -93,8 +93,8 @@ def _validated(body: dict, chat: bool):
     fields, types and limits; what it refuses is a 400 with pydantic's reasons."""
     from pydantic import ValidationError
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.exceptions import VLLMClientError
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMClientError
 
     try:
         req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(
@@ -135,8 +135,11 @@ def _logprobs_json(steps, chat: bool, top: int | None):
     if chat:
         def entry(t):
             return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
-        return {"content": [{**entry(step[0]), "top_logprobs": [entry(t) for t in sorted(step, key=lambda t: -t.logprob)[:top]]}
-                            for step in steps]}
+
+        def most_likely(step):
+            return sorted(step, key=lambda t: -t.logprob)[:top]
+
+        return {"content": [{**entry(step[0]), "top_logprobs": [entry(t) for t in most_likely(step)]} for step in steps]}
     tokens = [step[0].text for step in steps]
     offsets, at = [], 0
     for t in tokens:
@@ -270,8 +273,9 @@ class OpenAIIngress:
                "logprobs": _logprobs_json(logprobs, chat, top)}
         if not chat:
             return {**out, "text": text}
-        return {**out, "delta" if stream else "message": {"content": text} if stream else
-                {"role": "assistant", "content": text}}
+        if stream:  # the role rides in a choice's first delta only (the caller adds it)
+            return {**out, "delta": {"content": text}}
+        return {**out, "message": {"role": "assistant", "content": text}}
 
     async def _handle(self, request: Request, chat: bool):
         try:
