@@ -63,6 +63,7 @@ def check_request(path: str, body, ext: ExtEmbConfig, fields: dict[str, frozense
 class ExtEmbRequests:
     def __init__(self, app):
         self.app = app
+        self._ext: ExtEmbConfig | None = None  # the served model's, parsed once (a server serves one)
 
     @cached_property
     def fields(self) -> dict[str, frozenset]:
@@ -86,7 +87,9 @@ class ExtEmbRequests:
                 decoded = json.loads(body)
             except (ValueError, UnicodeDecodeError):
                 decoded = None  # vLLM answers malformed JSON with its own 400
-            reason = check_request(path, decoded, ExtEmbConfig.from_dict(hf.extemb), self.fields)
+            if self._ext is None:
+                self._ext = ExtEmbConfig.from_dict(hf.extemb)
+            reason = check_request(path, decoded, self._ext, self.fields)
             if reason is not None:
                 return await _bad_request(send, reason)
         return await self.app(scope, _replay(messages, receive), send)
