@@ -109,6 +109,7 @@ def json_type(value) -> str:
              float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
+
 def join_context(context: list[int], prompt: list[int], bos_token_id: int | None) -> list[int]:
     """The one input order, wherever a request is laid out (plug-in, Ray router): a BOS the
     prompt starts with goes first, then the context, then the rest of the prompt."""
