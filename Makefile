@@ -1,5 +1,5 @@
 # The two README commands. Each one sets up ./.venv first (idempotent, fast when done).
-.PHONY: demo serve reference-demo test setup
+.PHONY: demo serve reference-demo test test-fast setup
 
 setup:
 	@bash scripts/setup.sh
@@ -21,3 +21,7 @@ reference-demo: setup
 # The whole test suite, slow tests included (they use the real SmolLM2 default).
 test: setup
 	@.venv/bin/python -m pytest
+
+# Daily work: the unit tests, no real engine, Ray runtime or server (a few minutes); CI runs `make test`.
+test-fast: setup
+	@.venv/bin/python -m pytest -m "not slow and not engine" -q

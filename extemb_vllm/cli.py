@@ -24,19 +24,14 @@ def _floats(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load(args):
     import torch
 
+    from .machine import default_device
     from .model.checkpoint import load_model
 
     t = time.perf_counter()
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=_device(args.device))
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=default_device(args.device))
     print(f"[extemb] loaded {args.model} on {model.device} ({args.dtype}) in {time.perf_counter() - t:.1f}s",
           file=sys.stderr)
     return model, tok
@@ -50,7 +45,8 @@ def cmd_build(args):
 
     ext = ExtEmbConfig().replace(embedder_layers=args.embedder_layers, chunk_size=args.chunk_size,
                                  k_ladder=tuple(args.k_ladder) if args.k_ladder else None,
-                                 window=args.window, raw_tail=args.raw_tail, fill_window=args.fill_window)
+                                 window=args.window, raw_tail=args.raw_tail, fill_window=args.fill_window,
+                                 append_stable=args.append_stable)
     out = build_checkpoint(args.out, source=args.source, ext=ext, embedder_weights=args.embedder_weights,
                            dtype=getattr(torch, args.dtype), force=args.force)
     print(out)
@@ -66,7 +62,7 @@ def cmd_eval_ppl(args):
     from .eval import ppl
 
     model, tok = _load(args)
-    methods = ppl.parse_methods(args.k, args.mismatched)
+    methods = ppl.parse_methods(args.k, args.mismatched, args.append_stable)
     fill = model.ext.fill_window if args.fill_window is None else args.fill_window
     results = ppl.evaluate_ppl(model, tok, args.text, args.lengths, methods, window=args.window,
                                raw_tail=args.raw_tail, n_spans=args.spans, score_tokens=args.score_tokens,
@@ -105,7 +101,7 @@ def cmd_eval_passkey(args):
 
 def cmd_demo(args):
     """Read a long document through the reference model and continue it."""
-    from .eval.texts import read_texts
+    from .texts import read_texts
 
     model, tok = _load(args)
     name, text = read_texts([args.text])[0]
@@ -204,6 +200,16 @@ def cmd_bench_load(args):
     print(load.format_table(res))
 
 
+def cmd_bench_chat(args):
+    from .bench import chat
+
+    res = chat.run(Path(args.model), texts=args.text, doc_chars=args.doc_chars, follow_ups=args.follow_ups,
+                   step_chars=args.step_chars, growth_turns=args.growth_turns, max_tokens=args.max_tokens,
+                   outdir=Path(args.out), dtype=args.dtype, scenarios=args.scenarios)
+    _write_results(res, args.json, args.plot, chat.plot)
+    print(chat.format_table(res))
+
+
 def _write_results(res: dict, json_path, plot_path, plot_fn):
     import json
 
@@ -241,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int)
     p.add_argument("--raw-tail", type=int, help="fewest recent tokens kept raw")
     _fill_window_arg(p, default="on")
+    p.add_argument("--append-stable", action=argparse.BooleanOptionalAction, default=None,
+                   help="the server's default layout rule: whole chunks, k by band, so a growing chat keeps its "
+                        "prefix (default: on; off: window filling)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     p.add_argument("--force", action="store_true", help="rebuild even if the directory is up to date")
     p.set_defaults(fn=cmd_build)
@@ -262,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spans", type=int, default=8)
     p.add_argument("--score-tokens", type=int, default=1024)
     p.add_argument("--mismatched", action="store_true", help="add the mismatched-context control for each k")
+    p.add_argument("--append-stable", action="store_true",
+                   help="add each compressed method laid out by the append-stable rule, paired against window filling")
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(fn=cmd_eval_ppl)
@@ -409,6 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(fn=cmd_bench_load)
+
+    p = bench.add_parser("chat", help="a growing chat's cache reuse: window-filling vs append-stable layout")
+    p.add_argument("--model", default="extemb-llama2")
+    p.add_argument("--text", nargs="+", default=["data/fiction/heldout"],
+                   help="held-out text files or folders; each rule and scenario reads its own stretch")
+    p.add_argument("--doc-chars", type=int, default=60_000, help="follow-ups: characters of the document")
+    p.add_argument("--follow-ups", type=int, default=3, help="follow-ups: questions after the first turn")
+    p.add_argument("--step-chars", type=int, default=24_000, help="growing: characters appended per turn")
+    p.add_argument("--growth-turns", type=int, default=4, help="growing: turns")
+    p.add_argument("--scenarios", nargs="+", default=["follow-ups", "growing"], choices=["follow-ups", "growing"])
+    p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per turn at most")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="the server's dtype")
+    p.add_argument("--out", default="runs/bench-chat", help="server log and encoder stats file")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(fn=cmd_bench_chat)
 
     p = sub.add_parser("demo", help="continue a long document through the reference model")
     _model_args(p)

@@ -1,4 +1,5 @@
-"""One line that says what a figure was measured on (benchmarks, training logs)."""
+"""The machine: the device work runs on by default, and one line that says what a figure was
+measured on (benchmarks, training logs)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,10 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
+
+
+def default_device(name: str | None = None):
+    """The given device, else the engine's kind of default: CUDA where there is one, else the CPU."""
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -56,7 +56,7 @@ def tiny_checkpoint(tiny_source, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(tiny_checkpoint):
-    """(ExtEmbLlamaForCausalLM, tokenizer) on the tiny checkpoint."""
+    """(ExtEmbReference, tokenizer) on the tiny checkpoint."""
     return load_model(tiny_checkpoint)
 
 

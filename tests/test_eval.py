@@ -16,7 +16,7 @@ from extemb_vllm.eval.stats import (
     gain_fraction_with_interval,
     perplexity_with_interval,
 )
-from extemb_vllm.eval.texts import cut_spans
+from extemb_vllm.texts import cut_spans
 
 from .conftest import ROOT, TINY_TEXT
 
@@ -75,7 +75,7 @@ def test_ppl_tiny(tiny, tmp_path):
     model, tok = tiny
     text = tmp_path / "t.txt"
     text.write_text(TINY_TEXT)
-    methods = ppl.parse_methods(["2", "4", "auto"], mismatched=True)
+    methods = ppl.parse_methods(["2", "4", "auto"], mismatched=True, stable=True)
     res = ppl.evaluate_ppl(model, tok, [text], [64, 128], methods, n_spans=2, score_tokens=32, progress=False)
     cell = {(r.method, r.length): r for r in res}
     # at 64 tokens everything fits the window: auto = truncated = full (same inputs)
@@ -104,6 +104,24 @@ def test_ppl_tiny(tiny, tmp_path):
     assert mis.vs_matched_low <= mis.vs_matched <= mis.vs_matched_high and k4.vs_matched is None
     assert "the control" in ppl.format_table(res)
     assert cell["truncated", 128].vs_truncated is None and "change against truncated" in ppl.format_table(res)
+    # the append-stable twin, paired against window filling: 0 where nothing is compressed
+    assert cell["auto-stable", 64].vs_fill == pytest.approx(0.0, abs=1e-6)
+    st = cell["auto-stable", 128]
+    assert st.vs_fill == pytest.approx(st.ppl / cell["auto", 128].ppl - 1)
+    assert st.vs_fill_low <= st.vs_fill <= st.vs_fill_high and cell["auto", 128].vs_fill is None
+    assert "append-stable rule" in ppl.format_table(res)
+
+
+def test_ppl_methods_are_named_and_parsed_one_way():
+    methods = ppl.parse_methods(["16", "auto"], mismatched=True, stable=True)
+    assert [m.name for m in methods] == ["truncated", "full", "k16", "k16-mismatched", "k16-stable", "auto",
+                                         "auto-stable"]
+    assert all(ppl.Method.parse(m.name) == m for m in methods)
+    assert ppl.Method.parse("k16-stable").paired_with().name == "k16"
+    assert ppl.Method.parse("k16-mismatched").paired_with().name == "k16" and ppl.Method("full").paired_with() is None
+    for bad in ("k0", "kx", "auto-fast", "k16-"):
+        with pytest.raises(ValueError, match="unknown method"):
+            ppl.Method.parse(bad)
 
 
 def test_ppl_reports_what_does_not_fit(tiny, tmp_path):
@@ -130,8 +148,12 @@ def test_passkey_tiny(tiny, tmp_path):
     model, tok = tiny
     cells = passkey.evaluate_passkey(model, tok, [150, 300], [0.1, 0.9], ["auto", "truncated", "full"],
                                      trials=1, progress=False)
-    assert len(cells) == 12
-    assert all(c.accuracy in (0.0, 1.0) for c in cells)
+    grid = {(c.method, c.length, c.depth) for c in cells}
+    assert len(cells) == len(grid) == 12 and all(not c.note and c.trials == 1 for c in cells)
+    # a scored answer: the key's digits in the generated text, however the tokenizer split them
+    assert passkey.answer_is_correct(tok, tok("The pass key is 12345.").input_ids, 12345)
+    assert passkey.answer_is_correct(tok, tok("1 2345").input_ids, 12345)
+    assert not passkey.answer_is_correct(tok, tok("12346 and 2345").input_ids, 12345)
     passkey.plot(cells, tmp_path / "p.png")
     passkey.write_json(cells, tmp_path / "p.json", {})
 

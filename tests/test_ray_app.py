@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.engine  # a real vLLM engine, Ray runtime or server process (make test-fast skips)
+
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
@@ -41,7 +43,9 @@ def app_port(tiny_checkpoint, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     ck = str(tiny_checkpoint)
     embedder = EmbedderWorker.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(ck)
-    llm = LLMWorker.bind(ck, max_model_len=64, max_num_batched_tokens=512)
+    # blocks of 32 (the CPU backend's smallest): the 64-position window holds two, so the replica's
+    # prefix-cache reuse is measurable
+    llm = LLMWorker.bind(ck, max_model_len=64, max_num_batched_tokens=512, block_size=32)
     router = ExtEmbRouter.bind(ck, embedder, llm)
     ingress = OpenAIIngress.bind(ck, router, store_dir=str(tmp_path_factory.mktemp("contexts")), api_keys=KEYS,
                                  served_model_name="tiny-extemb")
@@ -103,6 +107,37 @@ def test_a_document_sent_again_is_not_re_encoded(router):
         assert again.token_ids == first.token_ids
     # each replica keeps what it encoded; a chunk may be encoded once per replica at most
     assert encoded() - after_first <= 15  # 240 compressed tokens = 15 chunks of 16
+
+
+@pytest.mark.slow
+def test_a_growing_input_reuses_the_replicas_prefix_cache_with_the_append_stable_rule(router, tiny_checkpoint):
+    """As with the in-engine plug-in (tests/test_vllm_spine.py): a request, then the same tokens
+    with three appended. Under the append-stable rule the router sends the same compact rows
+    (the embedder workers' store serves the chunks) and the replica's prefix cache serves every
+    full block of the first request's positions; under window filling, nothing."""
+    from extemb_vllm.model import plan_compression
+    from extemb_vllm.model.checkpoint import read_extemb_config
+
+    ext, block = read_extemb_config(tiny_checkpoint), 32
+    ids = _ids(260, 47)
+
+    def fill_moves_early(n):  # the window-filling layout changes inside the first block
+        a, b = (plan_compression(m, ext, reserve=4, fill_window=True) for m in (n, n + 3))
+        return a.n_compressed != b.n_compressed and min(a.n_slots, b.n_slots) < block
+
+    n = next(n for n in range(120, 250) if (p := plan_compression(n, ext, reserve=4, append_stable=True)).k
+             and plan_compression(n + 3, ext, reserve=4, append_stable=True).n_compressed == p.n_compressed
+             and fill_moves_early(n))
+    cached = {}
+    for stable in (True, False):
+        seq = [t + (0 if stable else 1) for t in ids]  # other tokens per rule: no cross-rule hits
+        opts = {"append_stable": stable, "reserve": 4, "max_tokens": 1}
+        first = router.generate.remote(seq[:n], None, **opts).result()
+        second = router.generate.remote(seq[: n + 3], None, **opts).result()
+        cached[stable] = (second.cached_positions, first.prompt_positions)
+    hits, positions = cached[True]
+    assert hits == (positions // block) * block >= block
+    assert cached[False][0] == 0
 
 
 @pytest.mark.slow
@@ -302,7 +337,8 @@ def test_llm_replica_restart_in_flight_fail_clearly_new_ones_succeed(app_port):
     # a new replica comes up and serves
     def served():
         try:
-            return client.completions.create(model="tiny-extemb", prompt=[5, 6, 7], max_tokens=2).usage is not None
+            r = client.completions.create(model="tiny-extemb", prompt=[5, 6, 7], max_tokens=2)
+            return r.usage.completion_tokens >= 1
         except openai.APIError:
             return False
     assert wait_until(served, timeout_s=240, every_s=2)
@@ -322,7 +358,14 @@ def test_example_serve_config_is_valid_and_builds_the_app():
     assert app_cfg.import_path == "extemb_vllm.serving.llm_service:build_app"
     assert {d.name for d in app_cfg.deployments} == {"EmbedderWorker", "LLMWorker", "ExtEmbRouter", "OpenAIIngress"}
     app = build_app(app_cfg.args)
-    assert type(app).__name__ == "Application"
+    # the graph the config promises: ingress -> router -> (embedder pool, LLM pool), one model dir
+    # (Application keeps its bound deployment privately; Ray's own build_app reads it the same way)
+    ingress = app._bound_deployment
+    model_dir, router_app = ingress.init_args[:2]
+    router = router_app._bound_deployment
+    assert ingress.name == "OpenAIIngress" and router.name == "ExtEmbRouter"
+    assert router.init_args[0] == model_dir == app_cfg.args.get("model_dir", "extemb-llama2")
+    assert [a._bound_deployment.name for a in router.init_args[1:]] == ["EmbedderWorker", "LLMWorker"]
 
 
 # The same OpenAI requests to the Ray app and to `vllm serve` of the same checkpoint: sampling

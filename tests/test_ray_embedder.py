@@ -8,6 +8,8 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.engine  # a real vLLM engine, Ray runtime or server process (make test-fast skips)
+
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 

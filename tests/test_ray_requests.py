@@ -68,3 +68,20 @@ def test_logprobs_in_openai_shapes():
     chat = _logprobs_json(steps, chat=True, top=1)["content"]
     assert [c["token"] for c in chat] == ["a", "cd"] and chat[1]["top_logprobs"][0]["token"] == "e"
     assert chat[0]["bytes"] == [97] and _logprobs_json(None, chat=True, top=2) is None
+
+
+def test_only_the_clients_faults_are_400s():
+    """The router's errors: what the layout checks or a worker refused as the client's fault is a
+    400; an internal bug's ValueError is the server's 503, never passed off as the client's."""
+    from extemb_vllm.model import ContextError
+    from extemb_vllm.serving.openai_ingress import _failure
+
+    rejected = wire.ErrorReply("bad_request", "context embeds contain NaN")
+    internal = wire.ErrorReply("internal", "worker state lost")
+    with pytest.raises(wire.RequestRejected) as bad:
+        wire.decode_reply(wire.encode(rejected), wire.GenerateResult)
+    with pytest.raises(RuntimeError) as server_side:
+        wire.decode_reply(wire.encode(internal), wire.GenerateResult)
+    for e, status in ((ContextError("k=3 is not served"), 400), (wire.WireError("malformed"), 400),
+                      (bad.value, 400), (ValueError("a bug's unpacking error"), 503), (server_side.value, 503)):
+        assert _failure(e).status == status, e

@@ -5,9 +5,10 @@ import torch
 
 from extemb_vllm.model import ContextError, ExtEmbConfig, plan_compression
 
-# the fixed-raw-tail rule (exactly raw_tail raw); the window-filling rule is tested on FILL
+# the fixed-raw-tail rule (exactly raw_tail raw); the window-filling rule is tested on FILL, the
+# append-stable rule (the default) on STABLE
 CFG = ExtEmbConfig(embedder_layers=2, chunk_size=16, k_ladder=(2, 4, 8), window=64, raw_tail=16, reserve=4,
-                   fill_window=False)
+                   fill_window=False, append_stable=False)
 FILL = CFG.replace(fill_window=True)
 
 
@@ -148,3 +149,64 @@ def test_mismatched_context_changes_the_scores(tiny):
     right, _ = model.score(ids, 16, k=4, raw_tail=16)
     wrong, _ = model.score(ids, 16, k=4, raw_tail=16, compact_ids=other)
     assert not torch.allclose(right, wrong)
+
+
+# --- the append-stable rule (online mode: a conversation that grows) ---
+STABLE = FILL.replace(append_stable=True)
+
+
+def _layout(plan):
+    """What the LLM's positions hold: (k, compressed chunks), and where raw token i sits."""
+    return (plan.k, tuple(plan.chunks)), plan.n_slots - plan.n_compressed
+
+
+@pytest.mark.parametrize("reserve", [0, 4, 9])
+def test_append_stable_plan_prefix_is_unchanged_by_appending(reserve):
+    """Over every length: the compressed count only rises within a k, and whenever the layout of
+    n + 1 tokens keeps the same compressed chunks, every slot and raw token of n sits where it
+    sat. Changes happen only when the window overflows (or k's band changes)."""
+    cfg = STABLE
+    budget = cfg.window - reserve
+    plans = {n: plan_compression(n, cfg, reserve=reserve) for n in range(1, 200)}
+    stable_lengths = [n for n, p in plans.items() if p.k is None or p.n_compressed % cfg.chunk_size == 0]
+    assert stable_lengths[-1] > 150  # the rule reaches far into the extended length (then window filling)
+    changes = 0
+    for n in range(1, stable_lengths[-1]):
+        a, b = plans[n], plans[n + 1]
+        assert a.llm_length <= budget and b.llm_length <= budget
+        if b.n_compressed % cfg.chunk_size:  # beyond the stable rule's reach
+            break
+        if (a.k, a.n_compressed) == (b.k, b.n_compressed):
+            assert _layout(a) == _layout(b) and b.llm_length == a.llm_length + 1
+            continue
+        changes += 1
+        assert a.llm_length == budget or a.k != b.k  # only a full window moves the boundary
+        if a.k == b.k:
+            assert b.n_compressed > a.n_compressed and b.chunks[: len(a.chunks)] == a.chunks
+    fill_changes = sum(plan_compression(n, FILL, reserve=reserve).n_compressed
+                       != plan_compression(n + 1, FILL, reserve=reserve).n_compressed for n in range(1, 150))
+    assert 0 < changes < fill_changes / 3  # the window-filling rule moves its boundary with almost every token
+
+
+def test_append_stable_compresses_whole_chunks_with_k_by_band():
+    # 90 tokens, window 64, k=2 (8 slots a chunk): as few whole chunks as fit: 3 -> 90 - 3*8 = 66 > 64;
+    # 4 -> 32 slots + 26 raw = 58
+    plan = plan_compression(90, STABLE)
+    assert (plan.k, plan.n_compressed, plan.n_slots, plan.n_raw) == (2, 64, 32, 26)
+    # k=2's band ends at 95 (4 chunks' 32 slots + the worst raw part, 16 + 15 tokens = 63), so 100 is
+    # read at k=4: 3 chunks -> 12 slots + 52 raw = 64
+    plan = plan_compression(100, STABLE)
+    assert (plan.k, plan.n_compressed, plan.n_slots, plan.n_raw) == (4, 48, 12, 52)
+    # k rises with the band of total length, never back
+    ks = [plan_compression(n, STABLE).k for n in range(65, 400)]
+    assert ks == sorted(ks) and set(ks) == {2, 4, 8}
+    # beyond its reach (the last chunk of the extended length) the window-filling plan serves
+    assert plan_compression(350, STABLE) == plan_compression(350, FILL)
+    # a request may choose either rule; naming both is refused
+    from extemb_vllm.model.config import check_request_options
+
+    assert plan_compression(100, FILL, append_stable=True) == plan
+    with pytest.raises(ContextError, match="give one of them"):
+        check_request_options({"fill_window": True, "append_stable": True}, FILL)
+    with pytest.raises(ContextError, match="append_stable must be true or false"):
+        check_request_options({"append_stable": "yes"}, FILL)

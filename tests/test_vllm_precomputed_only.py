@@ -6,6 +6,8 @@ import pytest
 from .test_vllm_spine import TOL, _ids
 from .vllm_helpers import compare_with_reference, make_llm, shutdown
 
+pytestmark = pytest.mark.engine  # a real vLLM engine, Ray runtime or server process (make test-fast skips)
+
 
 @pytest.fixture(scope="module")
 def precomputed_llm(tiny_checkpoint):

@@ -5,6 +5,8 @@ import torch
 
 from .vllm_helpers import compare_with_reference, make_llm, shutdown
 
+pytestmark = pytest.mark.engine  # a real vLLM engine, Ray runtime or server process (make test-fast skips)
+
 # |logprob difference| bounds, fp32 on CPU (vLLM's paged-attention kernel vs torch SDPA).
 # Observed: tiny model ~5e-7; SmolLM2 (30 layers, up to 2.7K positions) ~2.6e-4. For scale:
 # a 1% change of one embedder matrix of the tiny model moves log-probs by ~1e-3, a wrong
@@ -15,7 +17,9 @@ TOL_SMOLLM2 = 2e-3
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_checkpoint):
-    llm = make_llm(tiny_checkpoint, max_model_len=64, max_num_batched_tokens=512)
+    # blocks of 32 (the CPU backend's smallest): the 64-position window holds two, so prefix-cache
+    # reuse is measurable
+    llm = make_llm(tiny_checkpoint, max_model_len=64, max_num_batched_tokens=512, block_size=32)
     yield llm
     shutdown(llm)
 
@@ -46,6 +50,8 @@ def test_tiny_batch_mix(tiny_llm, tiny):
         (_ids(1, 10), 1, {"k": 4}),                       # one token and a k: nothing to compress
         (_ids(90, 11), 5, {"k": 4, "raw_tail": 8, "reserve": 4, "fill_window": False}),  # exactly 8 raw
         (_ids(40, 12), 5, {"k": 4, "fill_window": False}),  # fits, but the fixed rule compresses it
+        (_ids(200, 13), 10, {"reserve": 4, "append_stable": True}),  # whole chunks, k by band
+        (_ids(130, 14), 130, {"append_stable": True}),    # plain prompt, the append-stable rule
     ]
     assert compare_with_reference(tiny_llm, model, cases) < TOL
 
@@ -134,3 +140,56 @@ def test_tiny_bad_context_is_refused(tiny_llm, context, message):
     with pytest.raises(Exception, match=message):
         tiny_llm.generate({"prompt_token_ids": [5, 6], "multi_modal_data": {"context": context}},
                           SamplingParams(max_tokens=1), use_tqdm=False)
+
+
+def test_tiny_growing_input_reuses_the_prefix_cache_with_the_append_stable_rule(tiny_llm, tiny):
+    """A request, then the same tokens with a few appended (a chat turn): under the append-stable
+    rule vLLM's prefix cache serves every full block of the first request's positions (slots
+    included: same chunks, same k, same hashes); under the window-filling rule the slot/raw
+    boundary moves, here inside the first block, and the cache serves nothing."""
+    from vllm import SamplingParams
+
+    model, _ = tiny
+    ids = _ids(260, 31)
+    block = tiny_llm.llm_engine.vllm_config.cache_config.block_size
+    # a length whose stable layout keeps its compressed chunks when 3 tokens are appended
+    def first_change(a, b):  # the first LLM position whose content differs between two layouts
+        return min(a.n_slots, b.n_slots) if a.n_compressed != b.n_compressed or a.k != b.k else a.llm_length
+
+    def fill(n):
+        return model.plan(n, reserve=4, fill_window=True)
+
+    n = next(n for n in range(120, 250) if (p := model.plan(n, reserve=4, append_stable=True)).k is not None
+             and model.plan(n + 3, reserve=4, append_stable=True).n_compressed == p.n_compressed
+             and first_change(fill(n), fill(n + 3)) < block)
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    cached = {}
+    for stable in (True, False):
+        offset = 0 if stable else 1  # other tokens per rule, so one rule's cache cannot serve the other
+        seq = [t + offset for t in ids]
+        opts = {"mm_processor_kwargs": {"append_stable": stable, "reserve": 4}}
+        first = tiny_llm.generate([{"prompt_token_ids": seq[:n], **opts}], sp, use_tqdm=False)[0]
+        second = tiny_llm.generate([{"prompt_token_ids": seq[: n + 3], **opts}], sp, use_tqdm=False)[0]
+        cached[stable] = (second.num_cached_tokens, len(first.prompt_token_ids))
+    hits, positions = cached[True]
+    assert hits == (positions // block) * block >= block
+    assert cached[False][0] == 0
+
+
+def test_tiny_a_chunk_encoded_once_serves_every_k(tiny_llm, tiny, tmp_path, monkeypatch):
+    """The same context at k=4, then at k=8 (a conversation that grew into the next band): the
+    engine's chunk cache serves the second from the first's full-resolution outputs, and the
+    answers still equal the reference's."""
+    import json
+
+    model, _ = tiny
+    stats = tmp_path / "encoder-stats.json"
+    monkeypatch.setenv("EXTEMB_ENCODER_STATS", str(stats))
+    ids = _ids(120, 51)
+    counts = []
+    for k in (4, 8):
+        assert compare_with_reference(tiny_llm, model, [(ids, 10, {"k": k, "reserve": 4})]) < TOL
+        counts.append(json.loads(stats.read_text()))
+    chunks = len(model.plan(120, k=8, reserve=4).chunks)
+    assert counts[1]["chunks_encoded"] == counts[0]["chunks_encoded"]
+    assert counts[1]["chunks_reused"] - counts[0]["chunks_reused"] == chunks > 0

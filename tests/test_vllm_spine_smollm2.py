@@ -9,6 +9,8 @@ import pytest
 from .test_vllm_spine import TOL_SMOLLM2
 from .vllm_helpers import compare_with_reference, make_llm, shutdown
 
+pytestmark = pytest.mark.engine  # a real vLLM engine, Ray runtime or server process (make test-fast skips)
+
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_checkpoint):

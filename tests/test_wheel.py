@@ -16,7 +16,7 @@ from extemb_vllm.bench.servers import Server, readme_serve_command
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]  # engine: a real server process (make test-fast skips)
 CLI_PATCH = ROOT / "patches" / "0001-cli-version-without-vllm-metadata.patch"
 
 

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extemb_vllm.serving import wire
-from extemb_vllm.serving.store import DocumentStore, UnknownDocument
+from extemb_vllm.serving.documents import DocumentRegistry, RegistryFull, UnknownDocument
+from extemb_vllm.serving.store import ChunkStore
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -82,7 +83,7 @@ def test_fuzz_structured_payloads(obj):
 
 def test_store_evicts_least_recently_used_within_its_byte_bound():
     one = torch.zeros(256)  # 1 KiB
-    store = DocumentStore(max_bytes=3 * 1024)
+    store = ChunkStore(max_bytes=3 * 1024)
     for key in "abc":
         store.put(key, one)
     store.get("a")  # a is now the most recent
@@ -93,10 +94,10 @@ def test_store_evicts_least_recently_used_within_its_byte_bound():
 
 def test_disk_tier_survives_a_restart_and_refuses_corrupt_entries(tmp_path):
     t = torch.randn(5, 8)
-    store = DocumentStore(disk_dir=tmp_path)
+    store, registry = ChunkStore(disk_dir=tmp_path), DocumentRegistry(disk_dir=tmp_path)
     store.put("k1", t)
     store.put("k2", t * 2)
-    doc_id = store.register(list(range(10)))
+    doc_id = registry.register(list(range(10)))
     # a torn write (killed mid-way) leaves only a temporary file: no entry appears
     (tmp_path / "chunks" / ".k3.msgpack.dead.tmp").write_bytes(b"\x85\xa5shape")
     # a corrupted entry (one flipped byte in the tensor data) is detected by its digest
@@ -105,15 +106,27 @@ def test_disk_tier_survives_a_restart_and_refuses_corrupt_entries(tmp_path):
     raw[-40] ^= 0xFF
     p.write_bytes(bytes(raw))
 
-    restarted = DocumentStore(disk_dir=tmp_path)
+    restarted = ChunkStore(disk_dir=tmp_path)
     assert torch.equal(restarted.get("k1"), t)
     assert restarted.get("k2") is None and restarted.stats.corrupt_entries == 1 and not p.exists()
     assert restarted.get("k3") is None
-    assert restarted.document(doc_id).token_ids == list(range(10))
+    assert DocumentRegistry(disk_dir=tmp_path).document(doc_id).token_ids == list(range(10))
+
+
+def test_document_registry_is_bounded_and_never_drops_a_document_it_cannot_reload(tmp_path):
+    memory_only = DocumentRegistry(max_tokens=10)
+    kept = memory_only.register(list(range(6)))
+    with pytest.raises(RegistryFull, match="no disk directory"):
+        memory_only.register(list(range(6)))
+    assert memory_only.document(kept).n_tokens == 6  # the refused one dropped nothing
+    spilling = DocumentRegistry(disk_dir=tmp_path, max_tokens=10)
+    ids = [spilling.register(list(range(6))) for _ in range(5)]  # 30 tokens: memory keeps the last
+    assert spilling._tokens <= 10
+    assert all(spilling.document(i).token_ids == list(range(6)) for i in ids)  # the rest reload from disk
 
 
 def test_document_ids_are_unguessable_and_scoped_to_their_key(tmp_path):
-    store = DocumentStore(disk_dir=tmp_path)
+    store = DocumentRegistry(disk_dir=tmp_path)
     ids = {store.register([1, 2, 3], api_key="alice") for _ in range(50)}
     assert len(ids) == 50 and all(len(i) >= 4 + 22 for i in ids)
     doc_id = next(iter(ids))
@@ -128,8 +141,8 @@ def test_document_ids_are_unguessable_and_scoped_to_their_key(tmp_path):
 
 _WRITER = """
 import sys, torch
-from extemb_vllm.serving.store import DocumentStore
-store = DocumentStore(max_bytes=1, disk_dir=sys.argv[1])
+from extemb_vllm.serving.store import ChunkStore
+store = ChunkStore(max_bytes=1, disk_dir=sys.argv[1])
 print("ready", flush=True)
 for i in range(10_000):
     print(f"k{i}", flush=True)
@@ -152,7 +165,7 @@ def test_a_writer_killed_mid_write_leaves_no_corrupt_entry(tmp_path, kill_after_
     started = proc.stdout.read().split()
     proc.wait()
     assert len(started) >= 1
-    store = DocumentStore(disk_dir=tmp_path)
+    store = ChunkStore(disk_dir=tmp_path)
     served = 0
     for key in started:
         t = store.get(key)
@@ -173,3 +186,17 @@ def test_no_pickle_or_torch_load_on_the_wire():
     hits = [f"{p.name}: {m.group(0)}" for p in served
             for m in re.finditer(r"import (cloud)?pickle|\b(cloud)?pickle\.loads?\(|torch\.load\(|marshal\.loads\(", p.read_text())]
     assert not hits, hits
+
+
+def test_chunk_cache_is_bounded_in_bytes_and_drops_the_least_recently_used():
+    from extemb_vllm.model.chunk_cache import ChunkCache
+
+    cache = ChunkCache(max_bytes=3 * 400)  # three (10, 10) fp32 tensors
+    for i in range(3):
+        cache.put(f"c{i}", torch.full((10, 10), float(i)))
+    assert cache.get("c0")[0, 0] == 0  # c0 used: c1 is now the oldest
+    cache.put("c3", torch.zeros(10, 10))
+    assert cache.get("c1") is None and cache.get("c0") is not None and len(cache) == 3
+    assert (cache.bytes, cache.evictions, cache.hits, cache.misses) == (1200, 1, 2, 1)
+    cache.put("c3", torch.ones(10, 10))  # a key already held keeps its first value
+    assert cache.get("c3").sum() == 0

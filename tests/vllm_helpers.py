@@ -41,7 +41,8 @@ def precomputed_request(model, ids, opts):
     do): {"embeds": (slots, hidden)} as the context, the raw tail as the prompt."""
     ids = torch.tensor(ids)
     plan = model.plan(len(ids), k=opts.get("k"), raw_tail=opts.get("raw_tail"),
-                      reserve=opts.get("reserve", model.ext.reserve), fill_window=opts.get("fill_window"))
+                      reserve=opts.get("reserve", model.ext.reserve), fill_window=opts.get("fill_window"),
+                      append_stable=opts.get("append_stable"))
     if plan.k is None:
         return {"prompt_token_ids": ids.tolist()}
     with torch.no_grad():
@@ -67,7 +68,8 @@ def compare_with_reference(llm, model, cases, max_tokens=4, precomputed=False):
         ids = torch.tensor(ids)
         reserve = opts.get("reserve", model.ext.reserve)
         k, raw_tail = opts.get("k"), opts.get("raw_tail")
-        plan = model.plan(len(ids), k=k, raw_tail=raw_tail, reserve=reserve, fill_window=opts.get("fill_window"))
+        plan = model.plan(len(ids), k=k, raw_tail=raw_tail, reserve=reserve, fill_window=opts.get("fill_window"),
+                          append_stable=opts.get("append_stable"))
         # vLLM's engine prompt is [placeholders..., raw tail]
         assert len(out.prompt_token_ids) == plan.llm_length, (len(out.prompt_token_ids), plan)
         got = list(out.outputs[0].token_ids)

@@ -1,6 +1,7 @@
 """Concurrent OpenAI clients for the serving benchmarks: the same client code against `vllm
 serve` and the Ray app. Each request is a `RequestSpec`; each answer an `Outcome` that says
-whether it completed, was cancelled by the client on purpose, or failed and why."""
+whether it completed, was cancelled by the client on purpose, or failed and why; and the long
+prompts the Ray and load benchmarks send."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -123,3 +125,20 @@ def summarize(outcomes: list[Outcome], wall_s: float) -> dict:
 
 def outcomes_json(outcomes: list[Outcome]) -> list[dict]:
     return [asdict(o) for o in outcomes]
+
+
+QUESTION = "\n\nQuestion: who speaks in the passage above? Answer:"
+
+
+def long_prompts(model_dir: Path, n: int, doc_tokens: int) -> list[str]:
+    """n different held-out passages of about doc_tokens tokens, each followed by a question."""
+    from transformers import AutoTokenizer
+
+    from ..corpus import prepare
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = sorted((prepare(Path("data")) / "shakespeare" / "heldout").glob("*.txt"))
+    ids = [t for f in texts for t in tok(f.read_text(), add_special_tokens=False).input_ids]
+    if len(ids) < n * doc_tokens:
+        raise ValueError(f"held-out text has {len(ids)} tokens, {n} x {doc_tokens} wanted")
+    return [tok.decode(ids[i * doc_tokens : (i + 1) * doc_tokens]) + QUESTION for i in range(n)]

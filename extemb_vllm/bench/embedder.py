@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..machine import machine
+from ..machine import default_device, machine
 from ..model.checkpoint import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,7 +47,7 @@ def layer_flops_per_token(cfg, context: int) -> float:
 @torch.no_grad()
 def run(model_dir="extemb-llama2", chunk_sizes=(512, 1024, 2048, 4096), batches=(1, 4), dtypes=("float32", "bfloat16"),
         max_tokens_per_call=8192, repeats=2, device=None, json_path=None, plot_path=None, progress=print) -> dict:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     result = {"model": str(model_dir), "machine": machine(), "device": device.type, "repeats": repeats, "rows": []}
     for dtype in dtypes:
         model, _ = load_model(model_dir, dtype=DTYPES[dtype], device=device)

@@ -9,11 +9,6 @@ import os
 import threading
 from pathlib import Path
 
-# The engine runs in this process (no engine-core subprocess): its memory is ours to sample,
-# and engines can be started one after the other.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-
 
 def plain_llama_dir(model_dir: Path) -> Path:
     """A plain Llama view of a checkpoint: same base weights (linked), no embedder."""
@@ -37,6 +32,11 @@ def plain_llama_dir(model_dir: Path) -> Path:
 
 def make_engine(model, max_model_len=None, dtype="float32", **kw):
     """A vLLM engine with the settings every benchmark shares (eager, seeded, stats on for TTFT)."""
+    # The engine runs in this process (no engine-core subprocess): its memory is ours to sample,
+    # and engines can be started one after the other. Set here, not at import: importing a
+    # benchmark module changes nothing for its importer.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM
 
     return LLM(model=str(model), max_model_len=max_model_len, enforce_eager=True, dtype=dtype, seed=0,

@@ -23,8 +23,7 @@ import psutil
 
 from ..machine import machine
 from . import catalogue
-from .clients import RequestSpec, drive, outcomes_json, summarize
-from .ray_app import long_prompts
+from .clients import RequestSpec, drive, long_prompts, outcomes_json, summarize
 from .servers import RayAppServer, VllmServer, metric, wait_until
 
 SERVERS = ("vllm-serve", "ray-app")

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..machine import machine
-from .clients import RequestSpec, drive, summarize
+from .clients import RequestSpec, drive, long_prompts, summarize
 from .servers import RayAppServer, VllmServer
 
-QUESTION = "\n\nQuestion: who speaks in the passage above? Answer:"
 
 
 # -- phase 1: embedder workers --------------------------------------------------------------------
@@ -84,20 +83,6 @@ def _run_child(args: list[str]) -> dict:
 
 
 # -- phase 2: end to end --------------------------------------------------------------------------
-def long_prompts(model_dir: Path, n: int, doc_tokens: int) -> list[str]:
-    """n different held-out passages of about doc_tokens tokens, each followed by a question."""
-    from transformers import AutoTokenizer
-
-    from ..corpus import prepare
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    texts = sorted((prepare(Path("data")) / "shakespeare" / "heldout").glob("*.txt"))
-    ids = [t for f in texts for t in tok(f.read_text(), add_special_tokens=False).input_ids]
-    if len(ids) < n * doc_tokens:
-        raise ValueError(f"held-out text has {len(ids)} tokens, {n} x {doc_tokens} wanted")
-    return [tok.decode(ids[i * doc_tokens : (i + 1) * doc_tokens]) + QUESTION for i in range(n)]
-
-
 def end_to_end(server, prompts: list[str], gen: int, concurrency: int) -> dict:
     specs = [RequestSpec("long", p, gen) for p in prompts]
     asyncio.run(drive(server.base_url, server.model, specs[:concurrency], concurrency))  # warm-up

@@ -128,11 +128,16 @@ class Server:
         return False
 
 
-# What `vllm serve` of an ExtEmb model needs beyond the model (the README's command): a KV cache
-# sized for the window (vLLM's CPU default wants 92% of a NUMA node free and refuses to start
-# on a 24 GiB machine), the plug-in's middleware, and per-request layout options.
-MIDDLEWARE = "extemb_vllm.vllm_plugin.middleware.ExtEmbRequests"
-SERVE_FLAGS = ("--kv-cache-memory-bytes", "2G", "--trust-request-mm-kwargs", "--middleware", MIDDLEWARE)
+def readme_serve_settings(readme: Path = ROOT / "README.md") -> tuple[dict, list[str]]:
+    """(environment, flags) of the README's serving command, less `--model`: what `vllm serve` of
+    an ExtEmb model needs beyond the model, written once (the README says why for each), and the
+    benchmarks start what users are shown."""
+    words = readme_serve_command(readme).split()
+    at = words.index("vllm")
+    env = dict(w.split("=", 1) for w in words[:at])
+    flags = words[at + 2 :]
+    del flags[flags.index("--model") : flags.index("--model") + 2]
+    return env, flags
 
 
 class VllmServer(Server):
@@ -141,11 +146,12 @@ class VllmServer(Server):
     def __init__(self, model_dir: Path, log: Path, port: int | None = None, dtype: str = "float32",
                  api_key: str | None = None, extra_args: tuple[str, ...] = (), env: dict | None = None):
         port = port or free_port()
+        readme_env, flags = readme_serve_settings()
         cmd = [_bin("vllm"), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-               "--enforce-eager", "--dtype", dtype, *SERVE_FLAGS, *extra_args]
+               "--enforce-eager", "--dtype", dtype, *flags, *extra_args]
         if api_key:
             cmd += ["--api-key", api_key]
-        super().__init__(cmd, port, log, env=env)
+        super().__init__(cmd, port, log, env={**readme_env, **(env or {})})
         self.model = str(model_dir)
 
 

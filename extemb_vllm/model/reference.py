@@ -17,7 +17,9 @@ from .config import CompressionPlan, ContextError, ExtEmbConfig, plan_compressio
 from .embedder import ExtensibleEmbedder
 
 
-class ExtEmbLlamaForCausalLM(nn.Module):
+class ExtEmbReference(nn.Module):
+    """The whole model in plain transformers (its vLLM counterpart is vllm_plugin.model.ExtEmbLlamaForCausalLM)."""
+
     def __init__(self, llm: LlamaForCausalLM, embedder: ExtensibleEmbedder, ext: ExtEmbConfig):
         super().__init__()
         self.llm = llm.requires_grad_(False).eval()  # the LLM stays frozen, always
@@ -37,12 +39,15 @@ class ExtEmbLlamaForCausalLM(nn.Module):
         return int(self.llm.config.max_position_embeddings)
 
     def plan(self, n_tokens: int, k: int | None = None, raw_tail: int | None = None,
-             window: int | None = None, reserve: int = 0, fill_window: bool | None = None) -> CompressionPlan:
+             window: int | None = None, reserve: int = 0, fill_window: bool | None = None,
+             append_stable: bool | None = None) -> CompressionPlan:
+        """The layout of `n_tokens` (`plan_compression`). `reserve` defaults to 0 here, unlike a
+        server's: scoring generates nothing, and `generate` reserves its own max_new_tokens."""
         window = self.ext.window if window is None else window
         if window > self.max_positions:
             raise ContextError(f"window {window} exceeds the base model's {self.max_positions} positions")
         return plan_compression(n_tokens, self.ext, k=k, raw_tail=raw_tail, window=window, reserve=reserve,
-                                fill_window=fill_window)
+                                fill_window=fill_window, append_stable=append_stable)
 
     def compact_embeddings(self, ids: torch.Tensor, k: int, cache: dict | None = None) -> torch.Tensor:
         """(slots, hidden) compact embeddings of 1-D `ids` (the part to compress)."""
@@ -75,7 +80,7 @@ class ExtEmbLlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def score(self, ids: torch.Tensor, n_targets: int, k: int | None = None, raw_tail: int | None = None,
               window: int | None = None, cache: dict | None = None, compact_ids: torch.Tensor | None = None,
-              fill_window: bool | None = None) -> tuple[torch.Tensor, CompressionPlan]:
+              fill_window: bool | None = None, append_stable: bool | None = None) -> tuple[torch.Tensor, CompressionPlan]:
         """Log-probabilities (n_targets,) of the last `n_targets` tokens of `ids` given all before them.
 
         The targets must lie in the raw tail; the first of them is predicted from
@@ -84,7 +89,8 @@ class ExtEmbLlamaForCausalLM(nn.Module):
         old context: the mismatched-context control.
         """
         ids = _as_ids(ids, self.device)
-        plan = self.plan(ids.numel(), k=k, raw_tail=raw_tail, window=window, fill_window=fill_window)
+        plan = self.plan(ids.numel(), k=k, raw_tail=raw_tail, window=window, fill_window=fill_window,
+                         append_stable=append_stable)
         if not 0 < n_targets < plan.llm_length or n_targets > plan.n_raw:
             raise ContextError(f"cannot score {n_targets} targets: the LLM input has {plan.llm_length} "
                                f"positions of which {plan.n_raw} raw")
@@ -101,11 +107,11 @@ class ExtEmbLlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int = 64, k: int | None = None,
                  raw_tail: int | None = None, window: int | None = None, fill_window: bool | None = None,
-                 **gen_kwargs) -> tuple[torch.Tensor, CompressionPlan]:
+                 append_stable: bool | None = None, **gen_kwargs) -> tuple[torch.Tensor, CompressionPlan]:
         """New token ids (greedy unless sampling options are given) after a long input."""
         ids = _as_ids(ids, self.device)
         plan = self.plan(ids.numel(), k=k, raw_tail=raw_tail, window=window, reserve=max_new_tokens,
-                         fill_window=fill_window)
+                         fill_window=fill_window, append_stable=append_stable)
         embeds = self.build_inputs(ids, plan)
         gen_kwargs.setdefault("do_sample", False)
         eos = self.llm.generation_config.eos_token_id

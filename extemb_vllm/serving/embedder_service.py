@@ -27,10 +27,11 @@ import ray
 import torch
 from ray import serve
 
+from ..machine import default_device
 from ..model.checkpoint import load_embedder
 from ..model.embedder import chunk_key, weights_digest
 from . import wire
-from .store import DocumentStore
+from .store import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,11 @@ log = logging.getLogger(__name__)
 class EmbedderWorker:
     def __init__(self, model_dir: str, device: str | None = None, dtype: str = "float32",
                  max_batch_chunks: int = 16, store_bytes: int = 1 << 30, store_dir: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.embedder, self.table, self.ext = load_embedder(model_dir, dtype=wire.DTYPES[dtype], device=self.device)
         self.vocab = self.table.num_embeddings
         self.max_batch_chunks = max_batch_chunks
-        self.store = DocumentStore(store_bytes, store_dir)
+        self.store = ChunkStore(store_bytes, store_dir)
         # chunk outputs are keyed by content *and* these weights in this dtype: the disk tier
         # outlives a worker, and a worker restarted on new weights must not serve the old outputs
         self.weights = weights_digest(self.embedder, self.table)

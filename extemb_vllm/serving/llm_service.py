@@ -3,7 +3,7 @@
 `LLMWorker` runs vLLM's AsyncLLM over an ExtEmb checkpoint in precomputed-only mode:
 the process holds the frozen Llama and no embedder; compact embeddings arrive with
 each request. `ExtEmbRouter` does what the in-engine plug-in does before pre-fill,
-but across processes: plan the layout (the same `plan_compression`), get the
+but across processes: plan the layout (the same `plan_request`), get the
 full-resolution outputs of the compressed chunks from the embedder workers (which
 keep them in their document store), keep every k-th row, and send the raw tail plus
 the compact embeddings to an LLM replica. The two pools scale independently.
@@ -20,9 +20,8 @@ import uuid
 import torch
 from ray import serve
 
-from ..model.config import ExtEmbConfig, check_request_options, join_context, plan_compression
+from ..model import ExtEmbConfig, compact_rows, plan_request
 from ..model.checkpoint import read_extemb_config
-from ..model.embedder import keep_positions
 from . import wire
 from .embedder_service import EmbedderClient, EmbedderWorker
 
@@ -101,10 +100,10 @@ class LLMWorker:
     async def generate(self, payload: bytes) -> bytes:
         try:
             req = wire.decode(payload, wire.GenerateRequest)
-            latest, prompt_positions = {}, 0  # with n > 1 an output carries the choices that moved
+            latest, prompt_positions, cached = {}, 0, 0  # with n > 1 an output carries the choices that moved
             async for out in self._outputs(req, _sampling_params(req)):
                 latest.update({o.index: o for o in out.outputs})
-                prompt_positions = len(out.prompt_token_ids)
+                prompt_positions, cached = len(out.prompt_token_ids), out.num_cached_tokens or 0
         except Exception as e:  # WireError, the processor's input checks (shape, window, NaN, ...)
             if (reason := _request_fault(e)) is None:
                 raise
@@ -113,7 +112,7 @@ class LLMWorker:
         first = choices[0]
         logprobs = [step[0].logprob for step in first.logprobs] if req.logprobs and first.logprobs else None
         return wire.encode(wire.GenerateResult(first.token_ids, first.text, first.finish_reason, prompt_positions,
-                                               logprobs, choices))
+                                               logprobs, choices, cached))
 
     async def generate_stream(self, payload: bytes):
         """Streams wire.GenerateDelta bytes, one per choice that moved; a bad request yields one
@@ -162,23 +161,22 @@ class ExtEmbRouter:
         self.llm = llm
 
     async def _payload(self, prompt_token_ids, context_token_ids=None, k=None, raw_tail=None, reserve=None,
-                       fill_window=None, **sampling) -> bytes:
-        """The same layout as the in-engine plug-in (BOS first, context, prompt; compressed
-        chunks, raw tail), with the embedder running in its own pool."""
-        check_request_options({"k": k, "raw_tail": raw_tail, "reserve": reserve, "fill_window": fill_window}, self.ext)
-        full = join_context(list(context_token_ids or []), list(prompt_token_ids), self.tokenizer.bos_token_id)
-        reserve = self.ext.reserve if reserve is None else reserve
-        plan = plan_compression(len(full), self.ext, k=k, raw_tail=raw_tail, reserve=reserve, fill_window=fill_window)
+                       fill_window=None, append_stable=None, **sampling) -> bytes:
+        """The same layout as the in-engine plug-in (`plan_request`), with the embedder running
+        in its own pool."""
+        options = {"k": k, "raw_tail": raw_tail, "reserve": reserve, "fill_window": fill_window,
+                   "append_stable": append_stable}
+        layout = plan_request(context_token_ids or [], prompt_token_ids, options, self.ext,
+                              self.tokenizer.bos_token_id)
         context = None
-        if plan.k is not None:
-            hidden = await self.embedder.aencode([full[s:e] for s, e in plan.chunks])
-            compact = torch.cat([h[keep_positions(h.shape[0], plan.k)] for h in hidden])
-            context = wire.Tensor.from_torch(compact)
-        return wire.encode(wire.GenerateRequest(full[plan.n_compressed :], context, reserve, **sampling))
+        if layout.plan.k is not None:
+            hidden = await self.embedder.aencode(layout.chunks)
+            context = wire.Tensor.from_torch(torch.cat(compact_rows(hidden, layout.plan.k)))
+        return wire.encode(wire.GenerateRequest(layout.raw_ids, context, layout.reserve, **sampling))
 
     async def generate(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
                        **options) -> wire.GenerateResult:
-        """options: k, raw_tail, reserve, fill_window, and wire.GenerateRequest's sampling fields
+        """options: k, raw_tail, reserve, fill_window, append_stable, and wire.GenerateRequest's sampling fields
         (`sampling`: vLLM SamplingParams made by the ingress from an OpenAI request)."""
         reply = await self.llm.generate.remote(await self._payload(prompt_token_ids, context_token_ids, **options))
         return wire.decode_reply(reply, wire.GenerateResult)

@@ -4,7 +4,7 @@ Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (b
 with `stream`), and `POST /v1/contexts`, which registers a document once and returns
 an id that later requests name in `context_id` (with any `k`): its chunks are encoded
 on first use and served from the embedder workers' store afterwards. Per-request
-`k`, `raw_tail`, `reserve`, `fill_window` and `context_id` ride in the body (the OpenAI client's
+`k`, `raw_tail`, `reserve`, `fill_window`, `append_stable` and `context_id` ride in the body (the OpenAI client's
 `extra_body`); the layout options also in `mm_processor_kwargs`, as `vllm serve` takes
 them, so one request body works against both. Requests are validated with vLLM's own
 OpenAI request models and turned into vLLM `SamplingParams` exactly as `vllm serve` does
@@ -36,7 +36,8 @@ from ray import serve
 from ..model.checkpoint import read_extemb_config
 from ..model.config import LAYOUT_OPTIONS, ContextError, layout_options
 from ..vllm_plugin.middleware import check_request, request_fields
-from .store import DocumentStore, UnknownDocument
+from . import wire
+from .documents import DocumentRegistry, RegistryFull, UnknownDocument
 
 api = FastAPI(title="extemb-vllm (Ray)")
 METRICS_TIMEOUT_S = 5.0
@@ -71,10 +72,12 @@ def _usage(prompt_positions: int, completion_tokens: int) -> dict:
 
 def _failure(e: Exception) -> HTTPError:
     """The HTTP answer for an error from the router. Ray wraps what a replica raised; its
-    `cause` is the original. Bad input (ValueError, ContextError) is the client's 400; anything
-    else (a replica died, the embedder pool gave up) is a 503 the client may retry."""
+    `cause` is the original. What the layout checks or a worker refused as the client's fault
+    (ContextError, a malformed payload, a bad_request reply) is a 400; anything else, an internal
+    bug's ValueError included (a replica died, the embedder pool gave up), is a 503 the client
+    may retry, so a server fault never passes for the client's."""
     cause = getattr(e, "cause", None) or e
-    if isinstance(cause, (ValueError, ContextError)):
+    if isinstance(cause, (ContextError, wire.WireError, wire.RequestRejected)):
         return HTTPError(400, str(cause))
     last = (str(cause).strip().splitlines() or [""])[-1]
     return HTTPError(503, f"the server failed to finish this request ({type(cause).__name__}: {last}); retry it",
@@ -167,7 +170,7 @@ class OpenAIIngress:
         generation = Path(model_dir) / "generation_config.json"
         generation = json.loads(generation.read_text()) if generation.exists() else {}
         self.default_sampling = {k: generation[k] for k in DEFAULT_SAMPLING_KEYS if k in generation}
-        self.documents = DocumentStore(disk_dir=store_dir)
+        self.documents = DocumentRegistry(disk_dir=store_dir)
         self.api_keys = set(api_keys or [])
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -374,7 +377,10 @@ class OpenAIIngress:
             if len(ids) > self.max_model_len:
                 raise HTTPError(400, f"{len(ids)} tokens exceed this model's extended length of "
                                      f"{self.max_model_len} tokens")
-            doc_id = self.documents.register(list(ids), api_key=key)
+            try:
+                doc_id = self.documents.register(list(ids), api_key=key)
+            except RegistryFull as e:
+                raise HTTPError(507, str(e), "InsufficientStorageError") from None
             return {"id": doc_id, "object": "context", "tokens": len(ids)}
         except HTTPError as e:
             return _error(e.status, e.message, e.kind)

@@ -22,6 +22,10 @@ class WireError(ValueError):
     """A payload that is not a valid message: the sender gets this text back."""
 
 
+class RequestRejected(ValueError):
+    """A worker refused the request as the client's fault (its ErrorReply was a bad_request)."""
+
+
 class Tensor(msgspec.Struct, frozen=True):
     shape: tuple[int, ...]
     dtype: str
@@ -144,6 +148,7 @@ class GenerateResult(msgspec.Struct, frozen=True):
     prompt_positions: int  # positions the LLM read: compact slots + raw tokens
     logprobs: list[float] | None = None
     choices: list[Choice] = []  # all n choices
+    cached_positions: int = 0  # of prompt_positions, served by the replica's prefix cache
 
 
 class GenerateDelta(msgspec.Struct, frozen=True):
@@ -172,13 +177,14 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _ENCODER.encode(msg)
 
 
-def decode_reply(payload: bytes, kind: type, error: type[Exception] = ValueError):
-    """A worker's reply: a `kind`, or its ErrorReply raised as `error` with the worker's message."""
+def decode_reply(payload: bytes, kind: type, error: type[Exception] = RequestRejected):
+    """A worker's reply: a `kind`, or its ErrorReply raised as `error` with the worker's message
+    (a reply of another kind than bad_request is the server's fault: RuntimeError)."""
     try:
         return decode(payload, kind)
     except WireError:
         err = decode(payload, ErrorReply)
-        raise error(f"{err.kind}: {err.message}") from None
+        raise (error if err.kind == "bad_request" else RuntimeError)(f"{err.kind}: {err.message}") from None
 
 
 def decode(payload: bytes, kind: type):

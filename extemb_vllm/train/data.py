@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..corpus import is_heldout
-from ..eval.texts import read_texts
+from ..texts import read_texts
 
 
 def tokenizer_id(tokenizer) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..machine import machine
+from ..machine import default_device, machine
 from ..model.checkpoint import load_embedder_weights, load_model, save_embedder_weights
 from .config import TrainConfig
 from .data import WindowSampler, split_documents, tokenize_cached
@@ -50,7 +50,7 @@ def parent_record(init_embedder: str | None) -> dict | None:
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(cfg.device)
     cuda = device.type == "cuda"
     bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
     if bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():

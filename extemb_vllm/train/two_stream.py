@@ -73,7 +73,7 @@ def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_
                        token_weight: torch.Tensor | None = None):
     """Mean next-token loss over chunks 1.. of one sample (1-D ids, a multiple of chunk_len long).
 
-    `model` is an ExtEmbLlamaForCausalLM; gradients reach only its embedder (the
+    `model` is an ExtEmbReference; gradients reach only its embedder (the
     LLM's parameters do not require grad). With `return_logprobs`, also returns
     the log-probability of every target token, indexed like `layout.target_at`.
     `teacher` is `teacher_topk(model, ids, chunk_len)`, mixed in with weight `distill`;

@@ -2,15 +2,17 @@
 pre-fill encoder of the "context" modality.
 
 vLLM schedules the compressed chunks of every request in a step as encoder items;
-`embed_multimodal` encodes them in one batch on the engine's device, keeps every
-k-th row, and vLLM writes those rows into the prompt's placeholder slots of the
-paged KV cache. Paged attention, CUDA graphs, tensor parallelism and quantisation
+`embed_multimodal` encodes them in one batch on the engine's device (a chunk it
+encoded before comes from its content-keyed cache instead), keeps every k-th row,
+and vLLM writes those rows into the prompt's placeholder slots of the paged KV cache. Paged attention, CUDA graphs, tensor parallelism and quantisation
 of the LLM are vLLM's, untouched.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Iterable
 
 import torch
@@ -21,8 +23,10 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..model import ExtEmbConfig, ExtensibleEmbedder, keep_positions
-from ..model.checkpoint import EMBEDDER_PREFIX
+from ..model import ExtEmbConfig, ExtensibleEmbedder, compact_rows
+from ..model.chunk_cache import ChunkCache
+from ..model.config import EMBEDDER_PREFIX
+from ..model.embedder import chunk_key
 from .processor import (
     MODALITY,
     PLACEHOLDER_TOKEN_ID,
@@ -32,6 +36,13 @@ from .processor import (
 )
 
 EMBEDDER_BATCH_TOKENS = 8192
+# Full-resolution outputs of chunks this engine encoded, by content (any k is cut from them):
+# a chunk compressed again (at another k after a conversation grows into the next band, or
+# after vLLM evicted its cached blocks) is not encoded again. fp32 SmolLM2: ~1.2 MB a chunk.
+CHUNK_CACHE_BYTES = int(os.environ.get("EXTEMB_CHUNK_CACHE_MB", "256")) << 20
+# Where the engine writes its encoder counters (JSON), for benchmarks: the engine runs in its
+# own process, out of reach of the API server's /metrics.
+STATS_PATH_ENV = "EXTEMB_ENCODER_STATS"
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -59,6 +70,8 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         # embedder at all: set with hf_overrides={"extemb_precomputed_only": True}.
         self.precomputed_only = bool(getattr(config, "extemb_precomputed_only", False))
         self.embedder = None
+        self.chunk_cache = ChunkCache(CHUNK_CACHE_BYTES)
+        self.encoder_stats = {"chunks_encoded": 0, "chunks_reused": 0}
         if not self.precomputed_only:
             with self._mark_tower_model(vllm_config, MODALITY):
                 hf_cfg = copy.deepcopy(config)
@@ -81,15 +94,30 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         ks = ks.tolist() if isinstance(ks, torch.Tensor) else [int(k) for k in ks]
         if not chunks:
             return []
-        out = []
+        keys = [chunk_key(c) for c in chunks]  # weights never change inside an engine: content is enough
+        hidden = [self.chunk_cache.get(key) for key in keys]
+        todo = [i for i, h in enumerate(hidden) if h is None]
         # Groups of at most EMBEDDER_BATCH_TOKENS: a step may schedule every chunk of a 64K
         # document; bounded groups keep the embedder's activation memory flat in C, and past a
         # few thousand tokens a bigger batch is no faster (see `extemb bench embedder`).
-        per_group = max(1, EMBEDDER_BATCH_TOKENS // max(int(c.numel()) for c in chunks))
-        for g in range(0, len(chunks), per_group):
-            hidden = self.embedder.encode_chunks(chunks[g : g + per_group], self.language_model.model.embed_tokens)
-            out += [h[keep_positions(h.shape[0], k, h.device)] for h, k in zip(hidden, ks[g : g + per_group])]
-        return out
+        per_group = max(1, EMBEDDER_BATCH_TOKENS // max(int(chunks[i].numel()) for i in todo)) if todo else 1
+        for g in range(0, len(todo), per_group):
+            group = todo[g : g + per_group]
+            encoded = self.embedder.encode_chunks([chunks[i] for i in group], self.language_model.model.embed_tokens)
+            for i, h in zip(group, encoded):
+                hidden[i] = h.clone()  # its own storage: a view would keep the whole batch alive
+                self.chunk_cache.put(keys[i], hidden[i])
+        self._count(encoded=len(todo), reused=len(chunks) - len(todo))
+        return [compact_rows([h], k)[0] for h, k in zip(hidden, ks)]
+
+    def _count(self, encoded: int, reused: int):
+        self.encoder_stats["chunks_encoded"] += encoded
+        self.encoder_stats["chunks_reused"] += reused
+        if path := os.environ.get(STATS_PATH_ENV):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.encoder_stats, f)
+            os.replace(tmp, path)  # readers see the old counters or the new ones, never half
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         if intermediate_tensors is not None:

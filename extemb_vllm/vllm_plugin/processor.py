@@ -4,10 +4,11 @@ A request carries its long context as `multi_modal_data={"context": ...}`: text,
 `{"text": ...}`, `{"token_ids": [...]}`, or precomputed compact embeddings
 `{"embeds": tensor (n, hidden)}` (made elsewhere, e.g. by the Ray embedder
 workers; the prompt then holds the raw tail), optionally with `"k"`, `"raw_tail"`,
-`"reserve"` (positions kept free for generation; default the checkpoint's) and
-`"fill_window"` (keep as many recent tokens raw as fit; default the checkpoint's), also
+`"reserve"` (positions kept free for generation; default the checkpoint's),
+`"fill_window"` (keep as many recent tokens raw as fit) and `"append_stable"` (the layout
+rule under which a growing chat keeps its prefix; both default to the checkpoint's), also
 accepted as `mm_processor_kwargs`. The processor lays out
-context + prompt exactly as the reference model does (same `plan_compression`):
+context + prompt exactly as the reference model does (`model.plan_request`):
 each compressed chunk becomes one multimodal item whose placeholder slots the
 embedder fills, the raw tail stays as tokens. One item per chunk, hashed on its
 content and k, lets vLLM's encoder cache and prefix caching reuse chunks.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -26,8 +28,8 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems,
 from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
-from ..model import ContextError, ExtEmbConfig, plan_compression
-from ..model.config import LAYOUT_OPTIONS, check_request_options, join_context
+from ..model import ContextError, ExtEmbConfig, plan_request
+from ..model.config import LAYOUT_OPTIONS, check_request_options
 
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
@@ -67,8 +69,8 @@ def _validate_context_item(item):
 
 
 class ExtEmbProcessingInfo(BaseProcessingInfo):
-    @property
-    def ext(self) -> ExtEmbConfig:
+    @cached_property
+    def ext(self) -> ExtEmbConfig:  # parsed once: the checkpoint's config does not change
         return ExtEmbConfig.from_dict(self.get_hf_config().extemb)
 
     @property
@@ -111,12 +113,12 @@ class ExtEmbDummyInputsBuilder(BaseDummyInputsBuilder[ExtEmbProcessingInfo]):
                            "fill_window": False}}
 
 
-def request_options(item, request_kwargs: Mapping[str, object], ext: ExtEmbConfig) -> dict:
-    """k / raw_tail / reserve / fill_window of a request (the item's own override the request's), validated."""
+def request_options(item, request_kwargs: Mapping[str, object]) -> dict:
+    """The layout options of a request (LAYOUT_OPTIONS; the context item's own override the request's)."""
     opts = {k: request_kwargs[k] for k in LAYOUT_OPTIONS if request_kwargs.get(k) is not None}
     if isinstance(item, dict):
         opts.update({k: item[k] for k in LAYOUT_OPTIONS if item.get(k) is not None})
-    return check_request_options(opts, ext)
+    return opts
 
 
 def validate_compact_embeds(embeds, hidden_size: int) -> torch.Tensor:
@@ -176,7 +178,7 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         ext = self.info.ext
         embeds = validate_compact_embeds(item["embeds"], self.info.get_hf_config().hidden_size)
         n = embeds.shape[0]
-        reserve = request_options(item, {}, ext).get("reserve", ext.reserve)
+        reserve = check_request_options(request_options(item, {}), ext).get("reserve", ext.reserve)
         if n + len(prompt) + reserve > ext.window:
             raise ContextError(f"{n} compact embeddings + {len(prompt)} prompt tokens + {reserve} reserved "
                                f"= {n + len(prompt) + reserve} > window {ext.window}")
@@ -195,24 +197,23 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         if isinstance(item, dict) and "embeds" in item:
             return self._apply_embeds(item, list(inputs.prompt))
         ctx_ids = self._context_ids(item) if item is not None else []
-        full = join_context(ctx_ids, list(inputs.prompt), self.info.get_tokenizer().bos_token_id)
         if item is not None and not ctx_ids:
             raise ContextError("empty context: there are no tokens to read")
-        opts = request_options(item, inputs.hf_processor_mm_kwargs, ext)
-        plan = plan_compression(len(full), ext, k=opts.get("k"), raw_tail=opts.get("raw_tail"),
-                                reserve=opts.get("reserve", ext.reserve), fill_window=opts.get("fill_window"))
+        layout = plan_request(ctx_ids, inputs.prompt, request_options(item, inputs.hf_processor_mm_kwargs), ext,
+                              self.info.get_tokenizer().bos_token_id)
+        plan = layout.plan
         if plan.k is not None and self.info.precomputed_only:
             raise ContextError(f"this engine takes precomputed compact embeddings only (extemb_precomputed_only) and "
-                               f"the input needs compressing ({len(full)} tokens > window {ext.window}): send the "
-                               f"context as {{'embeds': tensor}} made by the embedder workers")
+                               f"the input needs compressing ({plan.n_tokens} tokens > window {ext.window}): send "
+                               f"the context as {{'embeds': tensor}} made by the embedder workers")
         if plan.k is None:
-            return mm_input(prompt_token_ids=full, mm_kwargs=MultiModalKwargsItems({}), mm_hashes={},
+            return mm_input(prompt_token_ids=layout.ids, mm_kwargs=MultiModalKwargsItems({}), mm_hashes={},
                             mm_placeholders={})
 
-        chunks = [full[s:e] for s, e in plan.chunks]
-        slots = [-(-len(c) // plan.k) for c in chunks]
+        chunks = layout.chunks
+        slots = layout.slots_per_chunk()
         offsets = np.concatenate([[0], np.cumsum(slots)[:-1]]).tolist()
-        prompt_ids = [PLACEHOLDER_TOKEN_ID] * plan.n_slots + full[plan.n_compressed :]
+        prompt_ids = [PLACEHOLDER_TOKEN_ID] * plan.n_slots + layout.raw_ids
         hf_inputs = BatchFeature({
             "context_ids": [torch.tensor(c, dtype=torch.long) for c in chunks],
             "context_k": torch.full((len(chunks),), plan.k, dtype=torch.long),

@@ -15,7 +15,7 @@ import dataclasses
 
 from vllm.renderers.hf import HfRenderer
 
-from ..model import ExtEmbConfig
+from ..model import ExtEmbConfig, plan_request
 from ..model.config import layout_options, max_context_tokens
 from . import ARCHITECTURE
 from .processor import MODALITY
@@ -53,9 +53,8 @@ class ExtEmbRenderer(HfRenderer):
         ids = prompt["prompt_token_ids"]
         # the request's own options, checked here: a list or a string is the client's 400, not a 500
         opts = layout_options(prompt.get("mm_processor_kwargs"), self.ext)
-        fits = len(ids) <= self.ext.window - opts.get("reserve", self.ext.reserve)
-        # a given k may compress even what fits (with fill_window off): the processor decides
-        if len(ids) < 2 or (fits and opts.get("k") is None):
+        # planned as the processor will plan it (a given k may compress even what fits)
+        if len(ids) < 2 or plan_request([], ids, opts, self.ext, None).plan.k is None:
             return prompt
         # everything but the last token is "context"; the processor plans over both exactly
         # as the reference model plans over the whole prompt

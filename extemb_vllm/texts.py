@@ -1,4 +1,5 @@
-"""Long texts to evaluate on: tokenise files and cut PG19-style spans."""
+"""Reading long texts (files or folders of .txt) and cutting PG19-style spans: shared by training,
+evaluation and the benchmarks."""
 
 from __future__ import annotations
 
