@@ -108,7 +108,11 @@ def test_summarise_ratios():
     assert m["hit_share"] == pytest.approx(6000 / 9300)
     assert m["reused_of_previous_mean"] == pytest.approx((2900 / 3000 + 3100 / 3100) / 2)
     assert (m["chunks_encoded"], m["chunks_reused"]) == (10, 17)
-    assert m["chunks_most_in_a_turn"] == 10 and m["encoded_vs_most_in_a_turn"] == pytest.approx(1.0)
+    assert m["distinct_chunks"] is None and m["unchanged"] is None  # rows made without a planner
+    planned = [dict(r, unchanged=u, distinct_chunks=d) for r, u, d in zip(ROWS, (None, 2950, 3050), (8, 8, 9))]
+    m = chat.summarise(planned)
+    assert m["unchanged"] == 6000 and m["hits_of_unchanged"] == pytest.approx((2900 + 3100) / 6000)
+    assert m["distinct_chunks"] == 9
     single = chat.summarise(ROWS[:1])
     assert single["follow_up_ttft_s"] is None and single["follow_up_vs_first"] is None
 
@@ -155,7 +159,7 @@ def test_format_table_shows_the_numbers():
                              "1", "8"]  # no planner in these rows: unchanged positions not counted
     summary = [line for line in table.splitlines() if line.startswith("follow-ups")][-1]
     assert summary.split() == ["follow-ups", "stable", "2.000", "0.400", "0.20", "6000", "9300", "64.5", "98.3",
-                               "-", "10", "17", "1.00"]
+                               "-", "10", "17", "-"]
     first = next(line for line in table.splitlines() if line.split()[:3] == ["follow-ups", "stable", "0"])
     assert first.split()[8] == "-"  # no previous turn
     assert "never wrote its encoder stats" in table

@@ -1,6 +1,8 @@
 """The reference model: planning (adaptive k), input layout, scoring, generation, errors."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from extemb_vllm.model import ContextError, ExtEmbConfig, plan_compression
@@ -210,3 +212,30 @@ def test_append_stable_compresses_whole_chunks_with_k_by_band():
         check_request_options({"fill_window": True, "append_stable": True}, FILL)
     with pytest.raises(ContextError, match="append_stable must be true or false"):
         check_request_options({"append_stable": "yes"}, FILL)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunk=st.sampled_from([8, 16, 32, 512]), window=st.integers(64, 4096), raw_frac=st.floats(0.05, 0.5),
+       ladder=st.sampled_from([(2, 4, 8), (4, 8, 16, 32), (3, 5)]), windows=st.floats(0.01, 25),
+       extra=st.integers(1, 5000))
+def test_append_stable_property_over_configs(chunk, window, raw_frac, ladder, windows, extra):
+    """For any config and any two lengths n < m of one growing input: k never falls, the
+    compressed whole chunks of n stay compressed (a prefix of m's) while k holds, and when m
+    compresses nothing new, n's layout is m's prefix position for position."""
+    cfg = ExtEmbConfig(embedder_layers=1, chunk_size=chunk, k_ladder=ladder, window=window,
+                       raw_tail=max(1, int(window * raw_frac)), reserve=0, append_stable=True)
+    n = max(1, int(window * windows))
+    try:
+        a, b = plan_compression(n, cfg), plan_compression(n + extra, cfg)
+    except ContextError:  # past the extended length
+        return
+    assert a.llm_length <= window and b.llm_length <= window
+    stable = [p for p in (a, b) if p.k is None or p.n_compressed % chunk == 0]
+    if len(stable) < 2:  # the last band: window filling serves (tested above)
+        return
+    if a.k is not None and b.k is not None:
+        assert b.k >= a.k
+        if b.k == a.k:
+            assert b.n_compressed >= a.n_compressed and b.chunks[: len(a.chunks)] == a.chunks
+            if b.n_compressed == a.n_compressed:
+                assert _layout(a) == _layout(b)
