@@ -35,7 +35,7 @@ from ray import serve
 
 from ..model.checkpoint import read_extemb_config
 from ..model.config import LAYOUT_OPTIONS, ContextError, layout_options
-from ..vllm_plugin.middleware import check_request, request_fields
+from ..openai_requests import check_request, request_fields
 from . import wire
 from .documents import DocumentRegistry, RegistryFull, UnknownDocument
 

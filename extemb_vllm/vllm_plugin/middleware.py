@@ -25,39 +25,11 @@ import json
 import os
 from functools import cached_property
 
-from ..model.config import ContextError, ExtEmbConfig, layout_options
+from ..model.config import ExtEmbConfig
+from ..openai_requests import check_request, request_fields
 from . import ARCHITECTURE
 
-# vLLM reads these off a request with getattr; they are not fields of its request models
-# (vllm 0.32.0, entrypoints/serve/engine/protocol.py): they are not unknown.
-READ_WITH_GETATTR = frozenset({"mm_processor_kwargs", "media_io_kwargs", "kv_cache_report_mode"})
 MAX_CHECKED_BODY = 64 << 20  # larger bodies go to vLLM unread (it refuses them by length anyway)
-
-
-def request_fields() -> dict[str, frozenset]:
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    def names(model):
-        fields = model.model_fields
-        return frozenset(fields) | {f.alias for f in fields.values() if f.alias} | READ_WITH_GETATTR
-
-    return {"/v1/completions": names(CompletionRequest), "/v1/chat/completions": names(ChatCompletionRequest)}
-
-
-def check_request(path: str, body, ext: ExtEmbConfig, fields: dict[str, frozenset]) -> str | None:
-    """The reason a completion/chat request body is refused, or None. Bodies that are not a JSON
-    object are left to vLLM, which answers them itself."""
-    if not isinstance(body, dict):
-        return None
-    unknown = sorted(set(body) - fields[path])
-    if unknown:
-        return f"unknown field(s) in the request: {unknown}"
-    try:
-        layout_options(body.get("mm_processor_kwargs"), ext)
-    except ContextError as e:
-        return str(e)
-    return None
 
 
 class ExtEmbRequests:
