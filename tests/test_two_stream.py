@@ -138,6 +138,8 @@ def test_train_command_runs_evaluates_and_resumes(tiny_checkpoint, tmp_path):
     recs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in recs if r["kind"] == "eval"] == [0, 2, 4]
+    # the steps' machine time (CPU per thread) is logged beside their wall time: a pause is not training
+    assert all(0 < r["busy_seconds"] <= 1.5 * r["step_seconds"] for r in recs if r["kind"] == "train")
     assert {"full_context", "no_context"} <= set(next(r for r in recs if r["kind"] == "reference"))
     assert (out / "loss.png").stat().st_size > 1000 and (out / "embedder.safetensors").exists()
     # a step logged after the last checkpoint (then a crash) is redone, not logged twice; --accum

@@ -97,15 +97,18 @@ def write_json(res: dict, path: str):
 def run_curves(run_dir: str | Path, weights: str = "ema") -> dict:
     """A run's held-out curve from its log: (samples, CPU-minutes of training, loss by k) per evaluation,
     for the moving average ("ema") or the live weights ("live"). CPU-minutes count the steps' own
-    time, not the evaluations'; step 0 (no average yet) is the starting weights."""
+    time, not the evaluations': their CPU time per thread where the log has it (a run paused with
+    SIGSTOP does not count the pause), else their wall time; step 0 (no average yet) is the
+    starting weights."""
     recs = [json.loads(line) for line in open(Path(run_dir) / "log.jsonl")]
     key = "ema_loss_by_k" if weights == "ema" else "loss_by_k"
     minutes, elapsed, sample_len = {0: 0.0}, 0.0, None
     for r in recs:
         if r["kind"] == "session":
             sample_len = r["config"]["sample_len"]
-        elif r["kind"] == "train":  # logs before step_seconds: from the sample tokens and their rate
-            elapsed += r.get("step_seconds", len(r["ks"]) * sample_len / r["tokens_per_s"]) / 60
+        elif r["kind"] == "train":  # older logs: wall time, or from the sample tokens and their rate
+            wall = r.get("step_seconds", len(r["ks"]) * sample_len / r["tokens_per_s"])
+            elapsed += r.get("busy_seconds", wall) / 60
             minutes[r["samples"]] = elapsed
     points = [(r["samples"], minutes[r["samples"]], r.get(key) or r["loss_by_k"]) for r in recs if r["kind"] == "eval"]
     ref = next((r for r in recs if r["kind"] == "reference"), None)

@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     bar = tqdm(total=cfg.steps, initial=step, desc="training embedder", unit="step")
     while step < cfg.steps:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         losses, ks, kinds = [], [], []
         for _ in range(cfg.accum):
             ids, weight = sampler.sample(), None
@@ -155,9 +155,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             ema.update_parameters(model.embedder)
         step += 1
         dt = time.perf_counter() - t0
+        # the process's CPU time per thread: what the step cost the machine, without the time a
+        # SIGSTOP pause (another job on the cores) adds to its wall time
+        busy = (time.process_time() - cpu0) / torch.get_num_threads()
         rec = {"step": step, "samples": samples, "kind": "train", "loss": float(np.mean(losses)),
                "ks": ks, "sample_kinds": kinds, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": cfg.accum * cfg.sample_len / dt, "step_seconds": dt}
+               "tokens_per_s": cfg.accum * cfg.sample_len / dt, "step_seconds": dt, "busy_seconds": busy}
         _log(log, rec)
         bar.update()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
