@@ -2,7 +2,7 @@
 
 Each replica loads the embedder once (its L layers and the token table, not the
 LLM) on its own device, batches the chunks of all concurrent callers into one
-forward (`@serve.batch`), and keeps full-resolution outputs in a document store
+forward (`@serve.batch`), and keeps full-resolution outputs in a chunk store
 keyed by chunk content and the weights' digest, so a chunk it has seen is never encoded
 again, for any k, and outputs of other weights are never served.
 Replicas on one machine can share the store's disk tier.

@@ -5,7 +5,7 @@ the process holds the frozen Llama and no embedder; compact embeddings arrive wi
 each request. `ExtEmbRouter` does what the in-engine plug-in does before pre-fill,
 but across processes: plan the layout (the same `plan_request`), get the
 full-resolution outputs of the compressed chunks from the embedder workers (which
-keep them in their document store), keep every k-th row, and send the raw tail plus
+keep them in their chunk store), keep every k-th row, and send the raw tail plus
 the compact embeddings to an LLM replica. The two pools scale independently.
 
     embedder = EmbedderWorker.options(num_replicas=4).bind(model_dir)
