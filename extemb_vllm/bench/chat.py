@@ -136,9 +136,10 @@ def unchanged_positions(previous: list, current: list) -> int:
     return next((i for i in range(n) if previous[i] != current[i]), n)
 
 
-def chat_planner(model_dir: Path, options: dict):
-    """messages -> the request's layout, planned as the server plans it (the served chat template,
-    the checkpoint's config, the rule's options), to count the positions a turn left unchanged."""
+def chat_planner(model_dir: Path):
+    """(messages, a rule's options) -> the request's layout, planned as the server plans it (the
+    served chat template, the checkpoint's config), to count the positions a turn left unchanged.
+    The tokenizer is loaded once for every conversation of the run."""
     from transformers import AutoTokenizer
 
     from ..model import plan_request
@@ -146,7 +147,7 @@ def chat_planner(model_dir: Path, options: dict):
 
     tok, ext = AutoTokenizer.from_pretrained(model_dir), read_extemb_config(model_dir)
 
-    def plan(messages):
+    def plan(messages, options):
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         return plan_request([], ids, options, ext, None)
 
@@ -157,12 +158,12 @@ def chat_planner(model_dir: Path, options: dict):
 def converse(client, model: str, turns: list[str], options: dict, max_tokens: int, read_counters,
              progress=lambda row: None, planner=None) -> list[dict]:
     """Send the user messages one turn at a time in one conversation (each turn adds the
-    previous answer and the next message); one row per turn. With a planner (messages -> layout)
-    each row also says how many leading positions the turn left unchanged."""
+    previous answer and the next message); one row per turn. With a planner ((messages, options)
+    -> layout) each row also says how many leading positions the turn left unchanged."""
     messages, rows, contents, seen = [], [], None, set()  # seen: every chunk the layouts compressed so far
     for i, user in enumerate(turns):
         messages.append({"role": "user", "content": user})
-        layout = planner(messages) if planner else None
+        layout = planner(messages, options) if planner else None
         before = read_counters()
         answer, ttft, usage, latency = _stream(client, model, messages, options, max_tokens)
         d = delta(before, read_counters())
@@ -261,13 +262,13 @@ def run(model_dir: Path, texts, doc_chars: int, follow_ups: int, step_chars: int
     with VllmServer(model_dir, outdir / "vllm-serve.log", dtype=dtype,
                     env={"EXTEMB_ENCODER_STATS": str(stats)}) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=1800, max_retries=0)
-        read = server_counters(server.base_url, stats)
+        read, planner = server_counters(server.base_url, stats), chat_planner(model_dir)
         print("[bench chat] warm-up", file=sys.stderr)  # first-call costs stay out of the figures
         converse(client, server.model, [work["warm_up"]], RULES["fill"], max_tokens, read)
         for (scenario, rule), turns in work["chats"].items():
             print(f"[bench chat] {scenario} / {rule}: {len(turns)} turns", file=sys.stderr)
             rows = converse(client, server.model, turns, RULES[rule], max_tokens, read, progress=_progress,
-                            planner=chat_planner(model_dir, RULES[rule]))
+                            planner=planner)
             res["conversations"].append({"scenario": scenario, "rule": rule, "turns": rows,
                                          "summary": summarise(rows)})
     res["encoder_stats_written"] = stats.exists()
