@@ -5,10 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT:-8000}
-# the README's serving command, on loopback and $PORT
-VLLM_CPU_NUM_OF_RESERVED_CPU=0 .venv/bin/vllm serve --model extemb-llama2 --kv-cache-memory-bytes 2G --trust-request-mm-kwargs \
-    --middleware extemb_vllm.vllm_plugin.middleware.ExtEmbRequests --host 127.0.0.1 --port "$PORT" \
-    >serve.log 2>&1 &
+# the README's serving command as written there (read from it: one copy), on loopback and $PORT
+serve=$(.venv/bin/python -c "from extemb_vllm.bench.servers import readme_serve_command; print(readme_serve_command())")
+PATH="$PWD/.venv/bin:$PATH" bash -c "exec env $serve --host 127.0.0.1 --port $PORT" >serve.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 echo "[demo] starting vllm serve --model extemb-llama2 on 127.0.0.1:$PORT (log: serve.log)"

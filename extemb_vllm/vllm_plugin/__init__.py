@@ -5,18 +5,38 @@ The model layer (`extemb_vllm.model`) never imports this package.
 """
 
 ARCHITECTURE = "ExtEmbLlamaForCausalLM"
+# ExtEmb models get their own tokenizer mode, as vLLM's Inkling and Cohere models do: the plain
+# HF tokenizer, and a renderer of our own that compresses over-long plain prompts (renderer.py).
+# Every other model keeps vLLM's "hf" renderer, untouched.
+TOKENIZER_MODE = "extemb"
+RENDERER = ("extemb_vllm.vllm_plugin.renderer", "ExtEmbRenderer")
 
 
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.renderers.registry import RENDERER_REGISTRY
+    from vllm.tokenizers.registry import TokenizerRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "extemb_vllm.vllm_plugin.model:ExtEmbLlamaForCausalLM")
-    # The default ("hf") renderer, extended for ExtEmb models only: it compresses
-    # plain prompts longer than the window (see renderer.py). Other models are unaffected.
-    if RENDERER_REGISTRY.renderers.get("hf") != (RENDERER_MODULE, "ExtEmbRenderer"):
-        RENDERER_REGISTRY.register("hf", RENDERER_MODULE, "ExtEmbRenderer")
+    if TOKENIZER_MODE not in TokenizerRegistry.tokenizers:
+        TokenizerRegistry.register(TOKENIZER_MODE, "vllm.tokenizers.hf", "CachedHfTokenizer")
+    if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:
+        RENDERER_REGISTRY.register(TOKENIZER_MODE, *RENDERER)
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, _model_config_hook())
 
 
-RENDERER_MODULE = "extemb_vllm.vllm_plugin.renderer"
+def _model_config_hook():
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class ExtEmbModelConfig(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_model_config(model_config) -> None:
+            # vLLM picks a built-in model's tokenizer mode from its architecture when the user left
+            # it at "auto" (ModelConfig.__post_init__); this does the same for ours, afterwards.
+            # A mode the user chose is kept (with "hf", over-long plain prompts are refused).
+            if model_config.tokenizer_mode == "auto":
+                model_config.tokenizer_mode = TOKENIZER_MODE
+
+    return ExtEmbModelConfig

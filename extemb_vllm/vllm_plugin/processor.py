@@ -11,25 +11,25 @@ accepted as `mm_processor_kwargs`. The processor lays out
 context + prompt exactly as the reference model does (`model.plan_request`):
 each compressed chunk becomes one multimodal item whose placeholder slots the
 embedder fills, the raw tail stays as tokens. One item per chunk, hashed on its
-content and k, lets vLLM's encoder cache and prefix caching reuse chunks.
+content and k by vLLM, lets its encoder cache and prefix caching reuse chunks.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import cached_property
 
 import numpy as np
 import torch
 from transformers import BatchFeature
 from vllm.inputs import mm_input
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems, PlaceholderRange
-from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems
-from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser, ProcessorBatchItems
+from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
+                                        ProcessorInputs, PromptIndexTargets, PromptInsertion)
 
 from ..model import ContextError, ExtEmbConfig, plan_request
-from ..model.config import LAYOUT_OPTIONS, check_request_options
+from ..model.config import LAYOUT_OPTIONS, check_request_options, compact_slots
 
 MODALITY = "context"
 PLACEHOLDER_TOKEN_ID = 0  # any in-vocabulary id: the embedder's rows replace its embedding
@@ -134,21 +134,23 @@ def validate_compact_embeds(embeds, hidden_size: int) -> torch.Tensor:
     return embeds.detach().cpu().contiguous()
 
 
-def embeds_hash(model_id: str, embeds: torch.Tensor) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"extemb|{model_id}|embeds|{embeds.dtype}|{tuple(embeds.shape)}|".encode())
-    h.update(embeds.view(torch.uint8).numpy().tobytes())  # raw bytes, any float dtype
-    return h.hexdigest()
-
-
-def chunk_hash(model_id: str, k: int, ids: Sequence[int]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"extemb|{model_id}|k={k}|".encode())
-    h.update(np.asarray(ids, dtype=np.int64).tobytes())
-    return h.hexdigest()
+# One target object for every item: vLLM groups insertions by target, and items that share one are
+# inserted in item order (the compact slots in chunk order, then the raw part of the prompt).
+PROMPT_START = PromptIndexTargets.start()
 
 
 class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
+    """vLLM's multimodal processing, with one step before it.
+
+    vLLM maps each multimodal item of a request to placeholders it inserts in the prompt. What
+    its prompt updates cannot express is ExtEmb's layout: one context becomes as many items as
+    the plan compresses chunks (a number that depends on the prompt's length too), and the part
+    of the context kept raw joins the prompt. `apply` plans that (`model.plan_request`, as the
+    reference model does) and hands the chunks, as items, to vLLM's own `apply`: its hashing
+    (content and k: the encoder cache and prefix caching reuse chunks across requests), its
+    processing cache, the insertion of each item's slots and its placeholder checks.
+    """
+
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         return {
             "context_embeds": MultiModalFieldConfig.batched(MODALITY),
@@ -157,8 +159,26 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
             "context_k": MultiModalFieldConfig.batched(MODALITY, keep_on_cpu=True),
         }
 
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        # There is no HF processor: an item is already what the model reads.
+        items = hf_data[f"{MODALITY}s"]
+        if "embeds" in items[0]:
+            return BatchFeature({"context_embeds": [item["embeds"] for item in items]})
+        return BatchFeature({
+            "context_ids": [torch.from_numpy(item["token_ids"]) for item in items],
+            "context_k": torch.tensor([item["k"] for item in items], dtype=torch.long),
+        })
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        return []  # apply() lays out the prompt itself
+        def slots(i: int) -> list[int]:
+            item = mm_items[MODALITY].get(i)
+            if "embeds" in item:
+                n = len(item["embeds"])
+            else:
+                n = compact_slots(len(item["token_ids"]), item["k"], self.info.ext.chunk_size)
+            return [PLACEHOLDER_TOKEN_ID] * n
+
+        return [PromptInsertion(MODALITY, target=PROMPT_START, insertion=slots)]
 
     def _context_ids(self, item) -> list[int]:
         if isinstance(item, dict) and "token_ids" in item:
@@ -173,7 +193,7 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         text = item["text"] if isinstance(item, dict) else item
         return self.info.get_tokenizer().encode(text, add_special_tokens=False)
 
-    def _apply_embeds(self, item, prompt: list[int]):
+    def _precomputed_item(self, item, prompt: list[int]) -> dict:
         """Precomputed compact embeddings: the slots come first, the prompt is the raw part."""
         ext = self.info.ext
         embeds = validate_compact_embeds(item["embeds"], self.info.get_hf_config().hidden_size)
@@ -182,20 +202,15 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
         if n + len(prompt) + reserve > ext.window:
             raise ContextError(f"{n} compact embeddings + {len(prompt)} prompt tokens + {reserve} reserved "
                                f"= {n + len(prompt) + reserve} > window {ext.window}")
-        hf_inputs = BatchFeature({"context_embeds": [embeds]})
-        return mm_input(
-            prompt_token_ids=[PLACEHOLDER_TOKEN_ID] * n + prompt,
-            mm_kwargs=MultiModalKwargsItems.from_hf_inputs(hf_inputs, self._get_mm_fields_config(hf_inputs, {})),
-            mm_hashes={MODALITY: [embeds_hash(self.info.model_id, embeds)]},
-            mm_placeholders={MODALITY: [PlaceholderRange(offset=0, length=n)]},
-        )
+        return {"embeds": embeds}
 
     def apply(self, inputs, timing_ctx):
         ext = self.info.ext
         items = inputs.mm_data_items.get(MODALITY)
         item = items.get(0) if items is not None and len(items) else None
         if isinstance(item, dict) and "embeds" in item:
-            return self._apply_embeds(item, list(inputs.prompt))
+            prompt = list(inputs.prompt)
+            return self._apply_items([self._precomputed_item(item, prompt)], prompt, inputs, timing_ctx)
         ctx_ids = self._context_ids(item) if item is not None else []
         if item is not None and not ctx_ids:
             raise ContextError("empty context: there are no tokens to read")
@@ -206,22 +221,15 @@ class ExtEmbMultiModalProcessor(BaseMultiModalProcessor[ExtEmbProcessingInfo]):
             raise ContextError(f"this engine takes precomputed compact embeddings only (extemb_precomputed_only) and "
                                f"the input needs compressing ({plan.n_tokens} tokens > window {ext.window}): send "
                                f"the context as {{'embeds': tensor}} made by the embedder workers")
-        if plan.k is None:
+        if plan.k is None:  # everything fits raw: no item, nothing for the embedder
             return mm_input(prompt_token_ids=layout.ids, mm_kwargs=MultiModalKwargsItems({}), mm_hashes={},
                             mm_placeholders={})
+        chunks = [{"token_ids": np.asarray(c, dtype=np.int64), "k": plan.k} for c in layout.chunks]
+        return self._apply_items(chunks, layout.raw_ids, inputs, timing_ctx)
 
-        chunks = layout.chunks
-        slots = layout.slots_per_chunk()
-        offsets = np.concatenate([[0], np.cumsum(slots)[:-1]]).tolist()
-        prompt_ids = [PLACEHOLDER_TOKEN_ID] * plan.n_slots + layout.raw_ids
-        hf_inputs = BatchFeature({
-            "context_ids": [torch.tensor(c, dtype=torch.long) for c in chunks],
-            "context_k": torch.full((len(chunks),), plan.k, dtype=torch.long),
-        })
-        mm_kwargs = MultiModalKwargsItems.from_hf_inputs(hf_inputs, self._get_mm_fields_config(hf_inputs, {}))
-        return mm_input(
-            prompt_token_ids=prompt_ids,
-            mm_kwargs=mm_kwargs,
-            mm_hashes={MODALITY: [chunk_hash(self.info.model_id, plan.k, c) for c in chunks]},
-            mm_placeholders={MODALITY: [PlaceholderRange(offset=o, length=n) for o, n in zip(offsets, slots)]},
-        )
+    def _apply_items(self, items: list[dict], prompt: list[int], inputs, timing_ctx):
+        # The layout options are spent on the plan: left out of the items' hashes, so one chunk
+        # hashes the same under every request's options (its k is in the item).
+        planned = ProcessorInputs(prompt=prompt, mm_data_items=MultiModalDataItems({MODALITY: ContextItems(items)}),
+                                  cache=inputs.cache)
+        return super().apply(planned, timing_ctx)

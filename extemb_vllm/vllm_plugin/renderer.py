@@ -5,8 +5,9 @@ limit is the window (the KV cache is sized for it). For ExtEmb models this
 renderer (a) lets tokenisation accept prompts up to the extended context length
 and (b) turns a prompt longer than the window into a "context" request — its
 oldest tokens compressed, the recent raw tail kept — before the engine's length
-check. Everything else, and every other model, goes through vLLM's HfRenderer
-unchanged.
+check. Everything else goes through vLLM's HfRenderer unchanged. vLLM selects it by
+tokenizer mode ("extemb", which the plug-in makes the default of ExtEmb models, see
+__init__.py); other models keep their own renderer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from vllm.renderers.hf import HfRenderer
 
 from ..model import ExtEmbConfig, plan_request
 from ..model.config import layout_options, max_context_tokens
-from . import ARCHITECTURE
+from . import ARCHITECTURE, TOKENIZER_MODE
 from .processor import MODALITY
 
 
@@ -25,18 +26,20 @@ class ExtEmbRenderer(HfRenderer):
     def __init__(self, config, tokenizer):
         super().__init__(config, tokenizer)
         hf = self.model_config.hf_config
-        is_extemb = ARCHITECTURE in (getattr(hf, "architectures", None) or [])
-        self.ext = ExtEmbConfig.from_dict(hf.extemb) if is_extemb else None
+        if ARCHITECTURE not in (getattr(hf, "architectures", None) or []):
+            raise ValueError(f"tokenizer mode {TOKENIZER_MODE!r} is for ExtEmb checkpoints ({ARCHITECTURE}); "
+                             f"{self.model_config.model} is not one: leave --tokenizer-mode at auto")
+        self.ext = ExtEmbConfig.from_dict(hf.extemb)
 
     def _extended(self, params):
-        if self.ext is None or params.max_total_tokens is None:
+        if params.max_total_tokens is None:
             return params
         return dataclasses.replace(params, max_total_tokens=max_context_tokens(self.ext))
 
     def _refuse_blank(self, prompt):
         # whitespace tokenises to a few tokens and would be "answered"; there is nothing to read
         text = prompt.get("prompt")
-        if self.ext is not None and "prompt_token_ids" not in prompt and isinstance(text, str) and not text.strip():
+        if "prompt_token_ids" not in prompt and isinstance(text, str) and not text.strip():
             raise ValueError("the prompt is empty or whitespace only")
 
     def _tokenize_singleton_prompt(self, prompt, params):
@@ -48,7 +51,7 @@ class ExtEmbRenderer(HfRenderer):
         return await super()._tokenize_singleton_prompt_async(prompt, self._extended(params))
 
     def _as_context_request(self, prompt):
-        if self.ext is None or prompt.get("multi_modal_data"):
+        if prompt.get("multi_modal_data"):
             return prompt
         ids = prompt["prompt_token_ids"]
         # the request's own options, checked here: a list or a string is the client's 400, not a 500

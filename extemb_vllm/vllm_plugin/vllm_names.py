@@ -9,8 +9,13 @@ that moved, so an upgrade breaks loudly in one test instead of deep inside a ser
 CHECKED_WITH = "0.32.0"
 
 PRIVATE_NAMES = {
-    # renderer.py: the default renderer, extended for ExtEmb models (over-long prompts)
+    # __init__.py: ExtEmb models' own tokenizer mode selects their renderer
     "vllm.renderers.registry:RENDERER_REGISTRY": "__init__.py registers the renderer",
+    "vllm.tokenizers.registry:TokenizerRegistry": "__init__.py registers the 'extemb' tokenizer mode",
+    "vllm.tokenizers.hf:CachedHfTokenizer": "__init__.py: the tokenizer of the 'extemb' mode",
+    "vllm.model_executor.models.config:MODELS_CONFIG_MAP": "__init__.py: 'auto' -> 'extemb' for ExtEmb models",
+    "vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_model_config": "__init__.py",
+    # renderer.py: vLLM's default renderer, extended for ExtEmb models (over-long prompts)
     "vllm.renderers.hf:HfRenderer": "renderer.py subclasses it",
     "vllm.renderers.hf:HfRenderer._tokenize_singleton_prompt": "renderer.py: extended length",
     "vllm.renderers.hf:HfRenderer._tokenize_singleton_prompt_async": "renderer.py: extended length",
@@ -19,9 +24,14 @@ PRIVATE_NAMES = {
     # processor.py: the "context" modality
     "vllm.multimodal.parse:MultiModalDataParser._get_subparsers": "processor.py: the context parser",
     "vllm.multimodal.parse:ProcessorBatchItems": "processor.py: context items",
-    "vllm.multimodal.processing:BaseMultiModalProcessor.apply": "processor.py lays out the prompt",
+    "vllm.multimodal.processing:BaseMultiModalProcessor.apply": "processor.py plans, then calls it on the chunks",
     "vllm.multimodal.processing:BaseMultiModalProcessor._get_mm_fields_config": "processor.py",
-    "vllm.multimodal.processing:BaseMultiModalProcessor._get_prompt_updates": "processor.py",
+    "vllm.multimodal.processing:BaseMultiModalProcessor._get_prompt_updates": "processor.py: each chunk's slots",
+    "vllm.multimodal.processing:BaseMultiModalProcessor._call_hf_processor": "processor.py: items -> tensors",
+    "vllm.multimodal.processing:ProcessorInputs": "processor.py: the planned chunks as a request's items",
+    "vllm.multimodal.processing:PromptIndexTargets.start": "processor.py: slots go first",
+    "vllm.multimodal.processing:PromptInsertion": "processor.py",
+    "vllm.multimodal.parse:MultiModalDataItems": "processor.py",
     "vllm.multimodal.processing:BaseProcessingInfo._get_expected_hidden_size": "processor.py: precomputed embeds",
     "vllm.inputs:mm_input": "processor.py builds the processed input",
     "vllm.multimodal.inputs:MultiModalKwargsItems.from_hf_inputs": "processor.py",
