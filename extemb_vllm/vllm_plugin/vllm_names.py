@@ -34,7 +34,7 @@ PRIVATE_NAMES = {
     "vllm.multimodal.parse:MultiModalDataItems": "processor.py",
     "vllm.multimodal.processing:BaseProcessingInfo._get_expected_hidden_size": "processor.py: precomputed embeds",
     "vllm.inputs:mm_input": "processor.py builds the processed input",
-    "vllm.multimodal.inputs:MultiModalKwargsItems.from_hf_inputs": "processor.py",
+    "vllm.multimodal.inputs:MultiModalKwargsItems": "processor.py: no items when nothing is compressed",
     # model.py
     "vllm.model_executor.models.interfaces:SupportsMultiModal._mark_tower_model": "model.py: the embedder",
     "vllm.model_executor.models.interfaces:SupportsMultiModal._mark_language_model": "model.py: the Llama",
