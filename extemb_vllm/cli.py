@@ -82,18 +82,15 @@ def cmd_eval_ppl(args):
 
 def cmd_eval_passkey(args):
     from .eval import passkey
+    from .model.config import layout_rule
 
     model, tok = _load(args)
     cells = passkey.evaluate_passkey(model, tok, args.lengths, args.depths, args.methods.split(","),
                                      trials=args.trials, window=args.window, raw_tail=args.raw_tail, seed=args.seed,
                                      fill_window=args.fill_window)
     print(passkey.format_table(cells))
-    # the rule the plans followed: a given --fill-window chooses the old rule, else the checkpoint's
-    if args.fill_window is None and model.ext.append_stable:
-        layout = "append_stable"
-    else:
-        layout = "fill_window" if (model.ext.fill_window if args.fill_window is None else args.fill_window) else "raw_tail"
-    meta = dict(model=str(args.model), window=args.window or model.ext.window, trials=args.trials, layout=layout,
+    meta = dict(model=str(args.model), window=args.window or model.ext.window, trials=args.trials,
+                layout=layout_rule(model.ext, fill_window=args.fill_window),
                 device=str(model.device), command=" ".join(sys.argv))
     if args.json:
         passkey.write_json(cells, args.json, meta)

@@ -167,6 +167,14 @@ class CompressionPlan:
         return self.n_slots + self.n_raw
 
 
+def layout_rule(cfg: ExtEmbConfig, fill_window: bool | None = None, append_stable: bool | None = None) -> str:
+    """The rule a plan follows: "append_stable", "fill_window" or "raw_tail" (exactly the raw tail
+    kept). A given fill_window chooses its own rule; otherwise the config's default."""
+    if (cfg.append_stable and fill_window is None) if append_stable is None else append_stable:
+        return "append_stable"
+    return "fill_window" if (cfg.fill_window if fill_window is None else fill_window) else "raw_tail"
+
+
 def plan_compression(
     n_tokens: int,
     cfg: ExtEmbConfig,
@@ -191,9 +199,8 @@ def plan_compression(
     """
     window = cfg.window if window is None else window
     raw_tail = cfg.raw_tail if raw_tail is None else raw_tail
-    # a given fill_window chooses its own rule; otherwise the config's default
-    stable = (cfg.append_stable and fill_window is None) if append_stable is None else append_stable
-    fill = stable or (cfg.fill_window if fill_window is None else fill_window)
+    rule = layout_rule(cfg, fill_window, append_stable)
+    stable, fill = rule == "append_stable", rule != "raw_tail"
     if n_tokens <= 0:
         raise ContextError("empty input: there are no tokens to read")
     if raw_tail < 1:
