@@ -70,7 +70,8 @@ def cmd_eval_ppl(args):
     print(ppl.format_table(results))
     meta = dict(model=str(args.model), text=[str(t) for t in args.text], window=args.window or model.ext.window,
                 raw_tail=args.raw_tail or model.ext.raw_tail, fill_window=fill, spans=args.spans,
-                score_tokens=args.score_tokens, dtype=args.dtype, device=str(model.device), command=" ".join(sys.argv))
+                score_tokens=args.score_tokens, key_alpha=args.key_tokens, dtype=args.dtype, device=str(model.device),
+                command=" ".join(sys.argv))
     if args.json:
         ppl.write_json(results, args.json, meta)
         print(f"wrote {args.json}")
@@ -136,7 +137,9 @@ def cmd_compare(args):
 
     res = compare.compare_embedders(args.model, args.embedders, args.text, n_samples=args.samples,
                                     sample_len=args.sample_len, chunk_len=args.chunk_len, ks=args.ks, bf16=args.bf16,
-                                    cache_dir=args.cache_dir, recall=args.recall)
+                                    cache_dir=args.cache_dir, recall=args.recall,
+                                    key_alpha=None if args.key_tokens < 0 else args.key_tokens,
+                                    mismatched=args.mismatched)
     print(compare.format_comparison(res))
     if args.json:
         res["meta"]["command"] = " ".join(sys.argv)
@@ -274,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mismatched", action="store_true", help="add the mismatched-context control for each k")
     p.add_argument("--append-stable", action="store_true",
                    help="add each compressed method laid out by the append-stable rule, paired against window filling")
+    p.add_argument("--key-tokens", type=float, metavar="ALPHA",
+                   help="also every figure on key tokens: those whose log-probability full attention raises by more "
+                        "than ALPHA nats over truncation (e.g. 0.5)")
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(fn=cmd_eval_ppl)
@@ -306,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-len", type=int, default=d.chunk_len)
     p.add_argument("--k-ladder", type=_ints, default=d.k_ladder)
     p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps")
+    p.add_argument("--cpu-minutes", type=float, default=d.cpu_minutes,
+                   help="stop once the steps have used this much CPU time per thread (arms at equal cost; 0: no limit)")
     p.add_argument("--accum", type=int, default=d.accum, help="samples per optimiser step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=d.warmup)
@@ -319,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing of the embedder (default: on CUDA only)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--window-align", type=int, default=d.window_align,
+                   help="training windows start at multiples of this (default 0: the chunk length; 1: anywhere)")
     p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA only; on CPU it pays only with AVX-512-BF16/AMX)")
@@ -332,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of samples that are synthetic recall samples (facts planted, asked at the end)")
     p.add_argument("--recall-answer-share", type=float, default=d.recall_answer_share,
                    help="share of a recall sample's loss carried by its answer tokens")
+    p.add_argument("--key-weight", type=float, default=d.key_weight,
+                   help="weight text tokens by the frozen LLM's long-context gain: 1 + W * gain in nats (0: all alike)")
+    p.add_argument("--key-cap", type=float, default=d.key_cap, help="gains are clipped to this many nats")
+    p.add_argument("--content-margin", type=float, default=d.content_margin,
+                   help="weight of the margin by which the right slots must beat another sample's on key tokens")
+    p.add_argument("--margin", type=float, default=d.margin, help="that margin, in nats per token")
+    p.add_argument("--raw-rows", type=int, default=d.raw_rows,
+                   help="score only the first N tokens of each chunk (slots still from whole chunks; 0: all)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(fn=cmd_train)
 
@@ -347,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast (default: where the CPU has native bf16)")
     p.add_argument("--cache-dir", default="data/cache")
     p.add_argument("--recall", action="store_true", help="also the answers of facts planted in the same windows")
+    p.add_argument("--key-tokens", type=float, default=0.5, metavar="ALPHA",
+                   help="also the loss on key tokens: those the frozen LLM predicts better by more than ALPHA nats "
+                        "from the whole window than from their own chunk (negative: off)")
+    p.add_argument("--mismatched", action="store_true",
+                   help="also each window read through another window's slots: the content control, paired")
     p.add_argument("--json")
     p.set_defaults(fn=cmd_compare)
 

@@ -112,6 +112,32 @@ def test_ppl_tiny(tiny, tmp_path):
     assert "append-stable rule" in ppl.format_table(res)
 
 
+def test_ppl_key_tokens(tiny, tmp_path):
+    """--key-tokens: each figure again on the tokens full attention predicts better than truncation by more
+    than alpha; the same tokens for every method; none at a length
+    where full and truncated read the same inputs."""
+    model, tok = tiny
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT)
+    methods = ppl.parse_methods(["4"], mismatched=True)
+    res = ppl.evaluate_ppl(model, tok, [text], [64, 128], methods, n_spans=2, score_tokens=32, progress=False,
+                           key_alpha=0.0)
+    cell = {(r.method, r.length): r for r in res}
+    assert all(r.key_tokens == 0 and r.key_ppl is None for r in res if r.length == 64)
+    n_key = cell["full", 128].key_tokens
+    assert 0 < n_key < 64 and all(r.key_tokens == n_key for r in res if r.length == 128 and r.ppl)
+    assert cell["full", 128].key_ppl < cell["truncated", 128].key_ppl  # what makes them key tokens
+    k4, mis = cell["k4", 128], cell["k4-mismatched", 128]
+    assert math.isfinite(k4.key_gain_fraction) and k4.key_gain_low <= k4.key_gain_high
+    assert mis.key_vs_matched == pytest.approx(mis.key_ppl / k4.key_ppl - 1)
+    assert "key tokens" in ppl.format_table(res) and "of them key tokens: 128: " in ppl.format_table(res)
+    ppl.plot(res, tmp_path / "k.png")
+    assert (tmp_path / "k.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="both must be run"):
+        ppl.evaluate_ppl(model, tok, [text], [128], [ppl.Method("full"), ppl.Method("compressed", 4)], n_spans=2,
+                         score_tokens=32, progress=False, key_alpha=0.5)
+
+
 def test_ppl_methods_are_named_and_parsed_one_way():
     methods = ppl.parse_methods(["16", "auto"], mismatched=True, stable=True)
     assert [m.name for m in methods] == ["truncated", "full", "k16", "k16-mismatched", "k16-stable", "auto",

@@ -279,10 +279,10 @@ def test_distillation_and_recall_samples_train_and_are_evaluated(tiny_checkpoint
     assert [len(r["per_sample"]["4"]) for r in ev] == [2] * 3  # kept per sample, for paired comparisons
 
 
-def test_recall_samples_plant_facts_in_compressed_chunks_and_ask_at_the_end():
-    """Each recall sample keeps its length, states its facts before the last chunk (so they reach the
-    answers only through the slots), asks for them in the last chunk, and never uses the pass-key
-    evaluation's phrasing or five-digit keys."""
+def test_recall_samples_plant_facts_in_compressed_chunks_and_ask_later():
+    """Each recall sample keeps its length, states its facts in chunks before the one that asks (so they
+    reach the answers only through the slots), asks 1 to 4 questions at varying distances, and never uses
+    the pass-key evaluation's phrasing or five-digit keys."""
     import re
 
     from extemb_vllm.train.recall import RecallMaker, answer_weights
@@ -290,22 +290,26 @@ def test_recall_samples_plant_facts_in_compressed_chunks_and_ask_at_the_end():
     from .conftest import TINY_TEXT, tiny_tokenizer
 
     tok = tiny_tokenizer()
-    text = torch.tensor(tok(TINY_TEXT * 3).input_ids[:2048])
-    maker = RecallMaker(tok, chunk_len=512, seed=0)
-    n_facts = []
-    for _ in range(20):
+    c = 512
+    text = torch.tensor(tok(TINY_TEXT * 3).input_ids[:4 * c])
+    maker = RecallMaker(tok, chunk_len=c, seed=0)
+    n_facts, asking = [], []
+    for _ in range(40):
         s = maker.make(text)
         assert s.ids.shape == text.shape and s.answer.shape == text.shape
-        assert s.answer[:3 * 512].sum() == 0 and s.answer.sum() > 0  # answers only in the last chunk
-        body, last = tok.decode(s.ids[:3 * 512]), tok.decode(s.ids[3 * 512:])
+        where = s.answer.nonzero()[:, 0]
+        ask = int(where[0]) // c
+        assert int(where[-1]) // c == ask >= 1  # every answer in one chunk after the first
+        body, tail = tok.decode(s.ids[: ask * c]), tok.decode(s.ids[ask * c :])
         answers = re.findall(r" (.+?)\.", tok.decode(s.ids[s.answer]))
-        assert "pass key" not in (body + last).lower()
+        assert "pass key" not in (body + tail).lower()
         for a in answers:
             assert a in body and not re.fullmatch(r"\d{5}", a), a
         n_facts.append(len(answers))
+        asking.append(ask)
         w = answer_weights(s.answer, 0.5)
         assert w[s.answer].sum() == pytest.approx(w[~s.answer].sum()) and w.mean() == pytest.approx(1.0)
-    assert max(n_facts) == 3
+    assert set(n_facts) == {1, 2, 3, 4} and set(asking) == {1, 2, 3}
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])
@@ -338,7 +342,7 @@ def test_compare_is_paired_and_curves_plot(tiny_checkpoint, tmp_path):
     import shutil
 
     from extemb_vllm.model.checkpoint import EMBEDDER_FILE
-    from extemb_vllm.train.compare import compare_embedders, plot_runs, run_curves
+    from extemb_vllm.train.compare import compare_embedders, format_comparison, plot_runs, run_curves
     from extemb_vllm.train.trainer import train
 
     from .conftest import TINY_TEXT
@@ -350,10 +354,18 @@ def test_compare_is_paired_and_curves_plot(tiny_checkpoint, tmp_path):
     shutil.copy(base, copy)
     trained = str(run / "embedder.safetensors")
     res = compare_embedders(str(tiny_checkpoint), [base, copy, trained], [str(tmp_path / "held")],
-                            n_samples=3, sample_len=48, chunk_len=12, ks=[2, 4], bf16=False)
-    assert all(v == (0.0, 0.0, 0.0) for v in res["vs_first"][copy].values())
-    assert all(v[0] != 0 for v in res["vs_first"][trained].values())
-    assert len(res["embedders"][trained]["4"]) == 3
+                            n_samples=3, sample_len=48, chunk_len=12, ks=[2, 4], bf16=False, key_alpha=0.0,
+                            mismatched=True)
+    for prefix in ("", "key_"):
+        assert all(v == (0.0, 0.0, 0.0) for v in res[prefix + "vs_first"][copy].values())
+        assert all(v[0] != 0 for v in res[prefix + "vs_first"][trained].values())
+        assert all(v[0] != 0 for v in res[prefix + "content"][trained].values())  # another window's slots differ
+        assert len(res[prefix + "embedders"][trained]["4"]) == 3
+    # key tokens are a subset of the scored ones, the ones the whole window helps (gain > 0 here)
+    n_key, n_all = sum(res["key_references"]["tokens_per_sample"]), sum(res["references"]["tokens_per_sample"])
+    assert 0 < n_key < n_all == 3 * 3 * 11
+    assert res["key_references"]["full_context"] < res["key_references"]["no_context"]
+    assert "key tokens" in format_comparison(res) and "wrong window's slots" in format_comparison(res)
     curves = run_curves(run, weights="live")
     assert [p[0] for p in curves["points"]] == [0, 4]  # evaluated at steps 0 and 2 (2 samples a step)
     assert curves["points"][0][1] == 0.0 and curves["points"][-1][1] > 0

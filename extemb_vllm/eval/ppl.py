@@ -9,6 +9,10 @@ Targets are scored in blocks of `raw_tail` tokens. For a block [s, s+b):
   k<K>-mismatched  the control: compact embeddings of another span's tokens
   k<K>-stable / auto-stable  laid out by the append-stable rule (whole chunks, k by band) instead
               of window filling: what the rule that lets a growing chat reuse its cache costs
+With `key_alpha`, every figure is also given on the key tokens: those whose log-probability
+full attention raises by more than key_alpha nats over truncation (the frozen LLM's own
+judgement of where long context matters; LongPPL's idea, Fang et al., ICLR 2025).
+Whole-text perplexity averages mostly over tokens no context helps; both are reported.
 Every LLM input of truncated / k / auto is at most W positions, so they are
 compared at the same window. With `fill_window` (as served) the compressed methods
 keep as many tokens before the block raw as the window holds beside the slots;
@@ -22,6 +26,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -62,6 +67,18 @@ class PplResult:
     vs_fill: float | None = None
     vs_fill_low: float | None = None
     vs_fill_high: float | None = None
+    # with key tokens (`key_alpha`): the same figures on the tokens whose log-probability full attention
+    # raises by more than key_alpha nats over truncation, as the frozen LLM itself judges them
+    key_tokens: int = 0
+    key_ppl: float | None = None
+    key_ppl_low: float | None = None
+    key_ppl_high: float | None = None
+    key_gain_fraction: float | None = None
+    key_gain_low: float | None = None
+    key_gain_high: float | None = None
+    key_vs_matched: float | None = None
+    key_vs_matched_low: float | None = None
+    key_vs_matched_high: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +139,8 @@ def parse_methods(ks: list[str], mismatched: bool, stable: bool = False) -> list
 
 @torch.no_grad()
 def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, raw_tail=None,
-                 n_spans=8, score_tokens=1024, progress=True, fill_window=None) -> list[PplResult]:
+                 n_spans=8, score_tokens=1024, progress=True, fill_window=None,
+                 key_alpha: float | None = None) -> list[PplResult]:
     W = window or model.ext.window
     B = raw_tail or model.ext.raw_tail
     if not 0 < B < W:
@@ -135,12 +153,15 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
     spans = cut_spans(streams, lengths[-1], n_spans)
     if any(m.mismatched for m in methods) and len(spans) < 2:
         raise ValueError("the mismatched-context control needs at least 2 spans")
+    names = {m.name for m in methods}
+    if key_alpha is not None and not {"full", "truncated"} <= names:
+        raise ValueError("key tokens are judged by full attention against truncation: both must be run")
 
     results = []
     bar = tqdm(total=len(lengths) * len(spans), desc="perplexity", unit="span", disable=not progress)
     for L in lengths:
         cache: dict = {}  # chunk content -> embedder output; shared by blocks, k and methods
-        per = {m.name: {"sums": [], "counts": [], "ks": set(), "pos": 0, "note": ""} for m in methods}
+        per = {m.name: {"lps": [], "sums": [], "counts": [], "ks": set(), "pos": 0, "note": ""} for m in methods}
         blocks = [(s, min(s + B, L)) for s in range(L - score_tokens, L, B)]
         for i, span in enumerate(spans):
             tok = span[-L:].to(model.device)
@@ -150,15 +171,17 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
                 if acc["note"]:
                     continue
                 try:
-                    for nll, n, k, pos in _score_method(model, m, tok, other, blocks, W, cache, fill_window):
-                        acc["sums"].append(nll)
-                        acc["counts"].append(n)
+                    for lp, k, pos in _score_method(model, m, tok, other, blocks, W, cache, fill_window):
+                        acc["lps"].append(lp.float().cpu())
+                        acc["sums"].append(-lp.sum().item())
+                        acc["counts"].append(lp.numel())
                         acc["pos"] = max(acc["pos"], pos)
                         if k:
                             acc["ks"].add(k)
                 except ContextError as e:
                     acc["note"] = str(e)
             bar.update()
+        key = _key_masks(per, key_alpha) if key_alpha is not None else None
         for m in methods:
             acc = per[m.name]
             if acc["note"] or not acc["counts"]:
@@ -182,13 +205,49 @@ def evaluate_ppl(model, tokenizer, text_paths, lengths, methods, window=None, ra
             if compressed and base and full and not (base["note"] or full["note"]):
                 r.gain_fraction, r.gain_low, r.gain_high = gain_fraction_with_interval(
                     base["sums"], full["sums"], acc["sums"], acc["counts"])
+            if key is not None:
+                _key_figures(r, m, per, key)
             results.append(r)
     bar.close()
     return results
 
 
+def _key_masks(per: dict, alpha: float) -> list[torch.Tensor] | None:
+    """Per block, the key tokens: full attention's log-probability above truncation's by more than alpha
+    (None where either could not run)."""
+    full, base = per["full"], per["truncated"]
+    if full["note"] or base["note"]:
+        return None
+    return [(f - t) > alpha for f, t in zip(full["lps"], base["lps"])]
+
+
+def _key_sums(lps: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[list[float], list[int]]:
+    return [-lp[m].sum().item() for lp, m in zip(lps, masks)], [int(m.sum()) for m in masks]
+
+
+def _key_figures(r: PplResult, method: Method, per: dict, masks: list[torch.Tensor] | None):
+    """Fill r's key-token figures: perplexity, share of full attention's gain, and the mismatched control
+    against the right slots, each paired over the same blocks."""
+    if masks is None:
+        return
+    sums, counts = _key_sums(per[method.name]["lps"], masks)
+    r.key_tokens = int(sum(counts))
+    if not r.key_tokens:
+        return
+    r.key_ppl, r.key_ppl_low, r.key_ppl_high = perplexity_with_interval(sums, counts)
+    if method.compressed:
+        base, _ = _key_sums(per["truncated"]["lps"], masks)
+        full, _ = _key_sums(per["full"]["lps"], masks)
+        r.key_gain_fraction, r.key_gain_low, r.key_gain_high = gain_fraction_with_interval(base, full, sums, counts)
+        twin = method.paired_with()
+        if method.mismatched and twin is not None and not per[twin.name]["note"]:
+            right, _ = _key_sums(per[twin.name]["lps"], masks)
+            r.key_vs_matched, r.key_vs_matched_low, r.key_vs_matched_high = change_vs_baseline_with_interval(
+                right, sums, counts)
+
+
 def _score_method(model, method: Method, tok, other, blocks, W, cache, fill_window=None):
-    """Yield (nll_sum, n_tokens, k, llm_positions) for each target block."""
+    """Yield (log-probabilities of the block's tokens, k, llm_positions) for each target block."""
     L = tok.numel()
     if method.kind == "full":
         if L > model.max_positions:
@@ -196,7 +255,7 @@ def _score_method(model, method: Method, tok, other, blocks, W, cache, fill_wind
         s0 = blocks[0][0]
         lp, _ = model.score(tok, L - s0, window=L, raw_tail=L - 1)  # window=L: nothing compressed
         for s, e in blocks:
-            yield -lp[s - s0 : e - s0].sum().item(), e - s, None, L
+            yield lp[s - s0 : e - s0], None, L
         return
     for s, e in blocks:
         b = e - s
@@ -207,7 +266,7 @@ def _score_method(model, method: Method, tok, other, blocks, W, cache, fill_wind
             lp, plan = model.score(tok[:e], b, k=method.k, raw_tail=b, window=W, cache=cache,
                                    compact_ids=other if method.mismatched else None, fill_window=fill_window,
                                    append_stable=method.stable)
-        yield -lp.sum().item(), b, plan.k, plan.llm_length
+        yield lp, plan.k, plan.llm_length
 
 
 def format_table(results: list[PplResult]) -> str:
@@ -230,6 +289,9 @@ def format_table(results: list[PplResult]) -> str:
         lines.append(row)
     scored = {r.length: r.n_tokens for r in results if r.ppl is not None}
     lines.append("scored tokens per cell: " + ", ".join(f"{L}: {n}" for L, n in sorted(scored.items())))
+    key = {r.length: r.key_tokens for r in results if r.key_tokens}
+    if key:
+        lines.append("of them key tokens: " + ", ".join(f"{L}: {n}" for L, n in sorted(key.items())))
     for (attr, low, high), heading, fmt in (
             (("gain_fraction", "gain_low", "gain_high"),
              "share of full attention's gain over truncated that each method recovers", ".0%"),
@@ -240,7 +302,15 @@ def format_table(results: list[PplResult]) -> str:
              "(above 0: the slots carry content)", "+.1%"),
             (("vs_fill", "vs_fill_low", "vs_fill_high"),
              "the append-stable rule: perplexity change against the same method laid out by window filling "
-             "(above 0: the stable layout costs quality)", "+.1%")):
+             "(above 0: the stable layout costs quality)", "+.1%"),
+            (("key_ppl", "key_ppl_low", "key_ppl_high"),
+             "key tokens (full attention's log-probability above truncation's by more than the threshold): "
+             "perplexity", ".2f"),
+            (("key_gain_fraction", "key_gain_low", "key_gain_high"),
+             "key tokens: share of full attention's gain over truncated", ".0%"),
+            (("key_vs_matched", "key_vs_matched_low", "key_vs_matched_high"),
+             "key tokens, the control: a wrong document's slots against the right one's (above 0: content)",
+             "+.1%")):
         measured = [r for r in results if getattr(r, attr) is not None]
         if not measured:
             continue
@@ -320,10 +390,17 @@ def plot(results: list[PplResult], path: str, title: str = ""):
 
 
 def _plot_share(ax, gains: list[PplResult], colour: dict):
-    xs = range(len(gains))
+    xs = np.arange(len(gains))
+    key = [r for r in gains if r.key_gain_fraction is not None]
+    width = 0.4 if key else 0.6
     err = _yerr(gains, "gain_fraction", "gain_low", "gain_high", scale=100)
-    ax.bar(xs, [100 * r.gain_fraction for r in gains], 0.6, yerr=err, capsize=3,
-           color=[colour[r.method] for r in gains])
+    ax.bar(xs - (width / 2 if key else 0), [100 * r.gain_fraction for r in gains], width, yerr=err, capsize=3,
+           color=[colour[r.method] for r in gains], label="all scored tokens" if key else None)
+    if key:  # beside each method its share on key tokens, hatched
+        err = _yerr(key, "key_gain_fraction", "key_gain_low", "key_gain_high", scale=100)
+        ax.bar([x + width / 2 for x, r in zip(xs, gains) if r.key_gain_fraction is not None],
+               [100 * r.key_gain_fraction for r in key], width, yerr=err, capsize=3, hatch="//", alpha=0.6,
+               color=[colour[r.method] for r in key], label="key tokens")
     ax.set_xticks(xs, [r.method for r in gains], rotation=20)
     ax.axhline(0, color="black", lw=1, ls="--", label="truncated (0%)")
     ax.axhline(100, color="gray", lw=1, ls=":", label="full attention (100%)")

@@ -20,8 +20,9 @@ def perplexity_with_interval(block_nll_sums, block_counts, n_boot: int = 1000, s
         return ppl, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(sums), size=(n_boot, len(sums)))
-    boot = np.exp(sums[idx].sum(1) / counts[idx].sum(1))
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    with np.errstate(divide="ignore", invalid="ignore"):  # a resample of blocks without tokens (key tokens)
+        boot = np.exp(sums[idx].sum(1) / counts[idx].sum(1))
+    lo, hi = np.nanquantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return ppl, float(lo), float(hi)
 
 

@@ -5,6 +5,11 @@ at the same k (the trainer's eval, more samples), and each is compared with the 
 (the shipped one) per sample, so the interval is of the difference, not of two noisy
 levels. The share of the way from no context to full raw context puts the losses on
 one scale. Minutes on two CPU cores where `extemb eval ppl` at 8K takes an hour.
+
+Beside the whole text, the same figures on key tokens (where the frozen LLM itself gains
+from the whole window over the token's own chunk: what the slots have to carry) and, with
+the mismatched control, the paired change when each window reads another window's slots:
+whole-text loss dilutes both into the many tokens no context helps.
 """
 
 from __future__ import annotations
@@ -18,50 +23,110 @@ from tqdm.auto import tqdm
 
 from ..model.checkpoint import load_embedder_weights, load_model
 from .data import WindowSampler, tokenize_cached
+from .key_tokens import frozen_logprobs
 from .recall import RecallMaker
-from .trainer import evaluate, reference_losses
+from .trainer import evaluate
+from .two_stream import compact_slots, two_stream_forward
 
 
 def paired_difference(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
-    """(mean of b - a, low, high): percentile bootstrap over the paired samples."""
+    """(mean of b - a, low, high): percentile bootstrap over the paired samples (those where both are defined)."""
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    d = d[np.isfinite(d)]
     idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
     lo, hi = np.quantile(d[idx].mean(1), [(1 - level) / 2, (1 + level) / 2])
     return float(d.mean()), float(lo), float(hi)
 
 
+@torch.no_grad()
+def _logprobs(model, samples, k: int, chunk_len: int, bf16: bool, wrong: list | None = None) -> list[torch.Tensor]:
+    """Per sample, the two-stream log-probabilities of the tokens of chunks 1.. (in order); with `wrong`,
+    reading the slots of those samples' chunks instead of their own (the mismatched control)."""
+    out = []
+    for i, ids in enumerate(samples):
+        ids = ids.to(model.device)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            compact = None if wrong is None else compact_slots(model, wrong[i].to(model.device), k, chunk_len)
+            _, lp, _ = two_stream_forward(model, ids, k, chunk_len, return_logprobs=True, compact=compact)
+        out.append(lp.float().cpu())
+    return out
+
+
+def _mean_loss(lps: list[torch.Tensor], masks: list[torch.Tensor]) -> list[float]:
+    """Per sample, the mean negative log-probability over the masked tokens (nan where none is)."""
+    return [float(-lp[m].mean()) if m.any() else float("nan") for lp, m in zip(lps, masks)]
+
+
 def compare_embedders(model_dir: str, embedders: list[str], texts: list[str], n_samples: int = 16,
                       sample_len: int = 4096, chunk_len: int = 512, ks=(8, 16, 32), bf16: bool | None = None,
-                      cache_dir: str = "data/cache", recall: bool = False) -> dict:
+                      cache_dir: str = "data/cache", recall: bool = False, key_alpha: float | None = 0.5,
+                      mismatched: bool = False) -> dict:
     """{"references": {...}, "embedders": {path: {k: [loss per sample]}}, "vs_first": {path: {k: (d, lo, hi)}}};
-    with `recall`, the same for the answers of facts planted in the same windows ("recall_*")."""
+    with `key_alpha`, the same over each window's key tokens ("key": the tokens whose log-probability the
+    frozen LLM raises by more than key_alpha nats when it reads the whole window instead of the token's own
+    chunk); with `mismatched`, every embedder also read through the slots of another window (the next
+    one's) and the paired change of that control against the right slots ("content", above 0: the slots
+    carry the document); with `recall`, the answers of facts planted in the same windows ("recall_*")."""
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported() if bf16 is None else bf16
     model, tok = load_model(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.embedder.float()
     # `texts` are held-out texts (e.g. data/*/heldout): the same fixed windows for every embedder
     samples = WindowSampler(tokenize_cached(texts, tok, cache_dir), sample_len).fixed(n_samples)
-    refs = reference_losses(model, samples, chunk_len, bf16, per_sample=True)
-    res = {"references": refs, "embedders": {}, "vs_first": {}, "share_of_gap": {}}
+    wrong = samples[1:] + samples[:1] if mismatched else None
+    full, alone = [], []
+    for ids in samples:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            f, a = frozen_logprobs(model, ids.to(model.device), chunk_len)
+        full.append(f.float().cpu())
+        alone.append(a.float().cpu())
+    t = torch.arange(chunk_len, sample_len)
+    text_mask = [t % chunk_len != 0] * n_samples  # chunks 1.., without each chunk's first token
+    groups = {"text": text_mask}
+    if key_alpha is not None:
+        groups["key"] = [(f - a > key_alpha) & m for f, a, m in zip(full, alone, text_mask)]
+    res = {"meta": dict(model=str(model_dir), texts=list(texts), samples=n_samples, sample_len=sample_len,
+                        chunk_len=chunk_len, ks=list(ks), bf16=bf16, recall=recall, key_alpha=key_alpha,
+                        mismatched=mismatched)}
+    for g, masks in groups.items():
+        prefix = "" if g == "text" else "key_"
+        res[f"{prefix}references"] = {"full_context_per_sample": _mean_loss(full, masks),
+                                      "no_context_per_sample": _mean_loss(alone, masks),
+                                      "tokens_per_sample": [int(m.sum()) for m in masks]}
+        for name in ("full_context", "no_context"):
+            res[f"{prefix}references"][name] = float(np.nanmean(res[f"{prefix}references"][f"{name}_per_sample"]))
+        res.update({f"{prefix}embedders": {}, f"{prefix}vs_first": {}, f"{prefix}share_of_gap": {}})
+        if mismatched:
+            res.update({f"{prefix}mismatched": {}, f"{prefix}content": {}})
     planted = [RecallMaker(tok, chunk_len, seed=4321).make(ids) for ids in samples] if recall else []
     if recall:
         res.update(recall_embedders={}, recall_vs_first={})
     for path in tqdm(embedders, desc="embedders", unit="embedder"):
         load_embedder_weights(model.embedder, path)
-        res["embedders"][path] = evaluate(model, samples, ks, chunk_len, bf16)
+        for k in ks:
+            lps = _logprobs(model, samples, k, chunk_len, bf16)
+            lps_wrong = _logprobs(model, samples, k, chunk_len, bf16, wrong=wrong) if mismatched else None
+            for g, masks in groups.items():
+                prefix = "" if g == "text" else "key_"
+                res[f"{prefix}embedders"].setdefault(path, {})[str(k)] = _mean_loss(lps, masks)
+                if mismatched:
+                    res[f"{prefix}mismatched"].setdefault(path, {})[str(k)] = _mean_loss(lps_wrong, masks)
         if recall:
             res["recall_embedders"][path] = evaluate(model, [p.ids for p in planted], ks, chunk_len, bf16,
                                                      targets=[p.answer for p in planted])
-    for name in ("embedders", "recall_embedders") if recall else ("embedders",):
-        first = res[name][embedders[0]]
-        vs = "vs_first" if name == "embedders" else "recall_vs_first"
-        for path, by_k in res[name].items():
+    for prefix in [""] + (["key_"] if key_alpha is not None else []) + (["recall_"] if recall else []):
+        by_path = res[f"{prefix}embedders"]
+        first = by_path[embedders[0]]
+        for path, by_k in by_path.items():
             if path != embedders[0]:
-                res[vs][path] = {k: paired_difference(first[k], v) for k, v in by_k.items()}
-    none, full = np.mean(refs["no_context_per_sample"]), np.mean(refs["full_context_per_sample"])
-    for path, by_k in res["embedders"].items():
-        res["share_of_gap"][path] = {k: float((none - np.mean(v)) / (none - full)) for k, v in by_k.items()}
-    res["meta"] = dict(model=str(model_dir), texts=list(texts), samples=n_samples, sample_len=sample_len,
-                       chunk_len=chunk_len, ks=list(ks), bf16=bf16, recall=recall)
+                res[f"{prefix}vs_first"][path] = {k: paired_difference(first[k], v) for k, v in by_k.items()}
+            if prefix != "recall_":
+                refs = res[f"{prefix}references"]
+                none, full_ = np.nanmean(refs["no_context_per_sample"]), np.nanmean(refs["full_context_per_sample"])
+                res[f"{prefix}share_of_gap"][path] = {k: float((none - np.nanmean(v)) / (none - full_))
+                                                      for k, v in by_k.items()}
+                if mismatched:  # the wrong window's slots against the right ones: above 0 = content
+                    res[f"{prefix}content"][path] = {k: paired_difference(v, res[f"{prefix}mismatched"][path][k])
+                                                     for k, v in by_k.items()}
     return res
 
 
@@ -72,20 +137,29 @@ def format_comparison(res: dict) -> str:
     lines = [f"held-out two-stream loss, {res['meta']['samples']} samples of {res['meta']['sample_len']} tokens "
              f"(no context {r['no_context']:.4f}, full raw context {r['full_context']:.4f}); "
              "[paired difference from the first embedder, 95% bootstrap over samples; below 0 = better]"]
-    tables = [("text", "embedders", "vs_first")]
+    tables = [("text", "")]
+    if "key_embedders" in res:
+        kr = res["key_references"]
+        tables.append((f"key tokens (the frozen LLM gains > {res['meta']['key_alpha']} nats from the whole window "
+                       f"over the token's own chunk: {sum(kr['tokens_per_sample'])} of "
+                       f"{sum(res['references']['tokens_per_sample'])} tokens; no context {kr['no_context']:.4f}, "
+                       f"full {kr['full_context']:.4f})", "key_"))
     if res["meta"].get("recall"):
-        tables.append(("recall answers (facts planted in the same windows)", "recall_embedders", "recall_vs_first"))
-    for title, name, vs in tables:
+        tables.append(("recall answers (facts planted in the same windows)", "recall_"))
+    for title, prefix in tables:
         lines.append(f"-- {title}")
         for path in embedders:
             lines.append(f"  {path}")
             for k in ks:
-                cell = f"    k={k:<3} {np.mean(res[name][path][k]):.4f}"
-                if name == "embedders":
-                    cell += f" ({res['share_of_gap'][path][k]:.0%} of the way from no context to full)"
-                if path in res[vs]:
-                    d, lo, hi = res[vs][path][k]
+                cell = f"    k={k:<3} {np.nanmean(res[prefix + 'embedders'][path][k]):.4f}"
+                if prefix + "share_of_gap" in res:
+                    cell += f" ({res[prefix + 'share_of_gap'][path][k]:.0%} of the way from no context to full)"
+                if path in res[prefix + "vs_first"]:
+                    d, lo, hi = res[prefix + "vs_first"][path][k]
                     cell += f"  {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                if path in res.get(prefix + "content", {}):
+                    d, lo, hi = res[prefix + "content"][path][k]
+                    cell += f"  wrong window's slots {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
                 lines.append(cell)
     return "\n".join(lines)
 

@@ -49,23 +49,27 @@ def split_documents(docs: dict[str, np.ndarray], heldout: dict[str, np.ndarray] 
 
 
 class WindowSampler:
-    """Random windows of `length` tokens from documents at least that long (seeded, resumable)."""
+    """Random windows of `length` tokens from documents at least that long (seeded, resumable).
 
-    def __init__(self, docs: dict[str, np.ndarray], length: int, seed: int = 0):
+    With `align`, windows start at multiples of it (a chunk length): a finite set of windows, so
+    what is cached per window (the frozen LLM's key-token gains) is found again by later runs."""
+
+    def __init__(self, docs: dict[str, np.ndarray], length: int, seed: int = 0, align: int = 1):
         self.docs = [d for d in docs.values() if len(d) >= length]
         if not self.docs:
             longest = max((len(d) for d in docs.values()), default=0)
             raise ValueError(f"no document holds a {length}-token sample (longest: {longest} tokens)")
         # documents weighted by how many windows they hold, so every token is equally likely
-        sizes = np.array([len(d) - length + 1 for d in self.docs], dtype=np.float64)
-        self.p = sizes / sizes.sum()
+        self.starts = np.array([(len(d) - length) // align + 1 for d in self.docs])  # window starts per document
+        self.p = self.starts / self.starts.sum()
         self.length = length
+        self.align = align
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> torch.Tensor:
-        d = self.docs[self.rng.choice(len(self.docs), p=self.p)]
-        s = self.rng.integers(0, len(d) - self.length + 1)
-        return torch.from_numpy(d[s : s + self.length].astype(np.int64))
+        i = self.rng.choice(len(self.docs), p=self.p)
+        s = self.rng.integers(0, self.starts[i]) * self.align
+        return torch.from_numpy(self.docs[i][s : s + self.length].astype(np.int64))
 
     def fixed(self, n: int, seed: int = 1234) -> list[torch.Tensor]:
         """The same n samples every time: for held-out evaluation."""

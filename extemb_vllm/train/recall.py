@@ -1,11 +1,12 @@
 """Synthetic recall samples, made on the fly: facts planted early in natural text, asked for at the end.
 
 The paper's second stage and Activation Beacon's needle data teach exact recall with
-data that asks for it. A recall sample is a window of training text with a few facts
-("The locker code for the north archive is 60-3317.") planted in chunks that the
-two-stream pass compresses, and questions about them in the last chunk, each answered
-("... for the north archive? 60-3317."). The answers can only come through the compact
-slots, and they carry a fixed share of the sample's loss (`answer_share`).
+data that asks for it. A recall sample is a window of training text with one to four facts
+("The locker code for the north archive is 60-3317.", a date, a name, a short sentence)
+planted in chunks that the two-stream pass compresses, and questions about them, in one of
+several phrasings, in a later chunk, each answered ("... for the north archive? 60-3317.").
+The answers can only come through the compact slots, and they carry a fixed share of the
+sample's loss (`answer_share`).
 
 Everything about the format is kept apart from what `extemb eval passkey` asks
 (a five-digit "pass key" in repeated filler): other phrasings, other key formats, real
@@ -30,29 +31,56 @@ _LAST = ["Abernathy", "Brandt", "Castellan", "Drummond", "Eriksen", "Fairweather
 _WORDS = ["amber", "falcon", "willow", "granite", "lantern", "meadow", "cobalt", "thistle", "harbor", "ember",
           "juniper", "quartz", "saffron", "tundra", "velvet", "walnut", "zephyr", "indigo", "marble", "orchid"]
 
-# (statement, question): {what} names the fact, {value} is the key; the answer follows the question
-_TEMPLATES = [
-    ("The locker code for the {what} is {value}.", "What is the locker code for the {what}?"),
-    ("Remember this: the {what} is looked after by {value}.", "Who looks after the {what}?"),
-    ("Note for later - the password of the {what} is {value}.", "The password of the {what} was"),
-    ("According to the ledger, the {what} was sold for {value} crowns.", "For how many crowns was the {what} sold?"),
-    ("The keeper wrote that the {what} opens with the word {value}.", "Which word opens the {what}?"),
-    ("Our contact at the {what} goes by the name {value}.", "By what name does our contact at the {what} go?"),
-]
+_PHRASES = ["the tide turns at dawn", "bring the blue lantern", "the second key is under the stair",
+            "wait for the third bell", "the fox sleeps by the mill", "ask the ferryman twice",
+            "the letters are in the red trunk", "nobody leaves before noon", "the owl has left the tower",
+            "count the steps to the well", "the garden gate sticks in rain", "the cook knows the way"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+
+# per kind of value: (statement, [questions]); {what} names the fact, {value} is the key; the answer
+# follows the question. Several phrasings of each question, so no one wording is learned.
+_TEMPLATES = {
+    "code": [("The locker code for the {what} is {value}.",
+              ["What is the locker code for the {what}?", "The {what}'s locker opens with the code",
+               "Which code opens the locker of the {what}?"]),
+             ("Note for later - the password of the {what} is {value}.",
+              ["The password of the {what} was", "What was the password of the {what}?"])],
+    "number": [("According to the ledger, the {what} was sold for {value} crowns.",
+                ["For how many crowns was the {what} sold?", "The ledger says the {what} fetched (in crowns)"]),
+               ("The {what} holds exactly {value} barrels, the clerk insisted.",
+                ["How many barrels does the {what} hold?", "The clerk's count of barrels at the {what}:"])],
+    "name": [("Remember this: the {what} is looked after by {value}.",
+              ["Who looks after the {what}?", "The keeper of the {what} is"]),
+             ("Our contact at the {what} goes by the name {value}.",
+              ["By what name does our contact at the {what} go?", "Our contact at the {what} is called"])],
+    "words": [("The keeper wrote that the {what} opens with the word {value}.",
+               ["Which word opens the {what}?", "The word that opens the {what}:"])],
+    "date": [("The meeting at the {what} is set for {value}.",
+              ["When is the meeting at the {what}?", "The meeting at the {what} takes place on"]),
+             ("Records show the {what} was built on {value}.",
+              ["On what date was the {what} built?", "The {what} dates from"])],
+    "sentence": [("The message left at the {what} reads: {value}.",
+                  ["What does the message at the {what} say?", "The note at the {what} said:"])],
+}
 
 
-def _value(rng: np.random.Generator) -> str:
-    """A key in one of several formats; never the five-digit number that the pass-key evaluation asks for."""
-    kind = rng.integers(5)
-    if kind == 0:
-        return str(rng.integers(100, 10_000))  # 3-4 digits
-    if kind == 1:
-        return str(rng.integers(100_000, 100_000_000))  # 6-8 digits
-    if kind == 2:
-        return f"{rng.integers(10, 100)}-{rng.integers(1000, 10_000)}"
-    if kind == 3:
+def _value(rng: np.random.Generator, kind: str) -> str:
+    """A value of one kind; never the five-digit number that the pass-key evaluation asks for."""
+    if kind == "code":
+        if rng.random() < 0.5:
+            return f"{rng.integers(10, 100)}-{rng.integers(1000, 10_000)}"
+        letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+        return "".join(letters[i] for i in rng.integers(len(letters), size=2)) + str(rng.integers(100, 1000))
+    if kind == "number":  # 3-4 or 6-8 digits
+        return str(rng.integers(100, 10_000) if rng.random() < 0.5 else rng.integers(100_000, 100_000_000))
+    if kind == "name":
         return f"{_FIRST[rng.integers(len(_FIRST))]} {_LAST[rng.integers(len(_LAST))]}"
-    return f"{_WORDS[rng.integers(len(_WORDS))]} {_WORDS[rng.integers(len(_WORDS))]}"
+    if kind == "words":
+        return f"{_WORDS[rng.integers(len(_WORDS))]} {_WORDS[rng.integers(len(_WORDS))]}"
+    if kind == "date":
+        return f"{rng.integers(1, 29)} {_MONTHS[rng.integers(12)]} {rng.integers(1700, 1950)}"
+    return _PHRASES[rng.integers(len(_PHRASES))]
 
 
 @dataclass
@@ -62,9 +90,10 @@ class RecallSample:
 
 
 class RecallMaker:
-    """Turns a window of natural text into a recall sample of the same length (seeded, resumable)."""
+    """Turns a window of natural text into a recall sample of the same length (seeded, resumable):
+    1 to `facts` facts planted at random depths, asked for in a later chunk (the last or any before it)."""
 
-    def __init__(self, tokenizer, chunk_len: int, facts: int = 3, seed: int = 0):
+    def __init__(self, tokenizer, chunk_len: int, facts: int = 4, seed: int = 0):
         self.tok = tokenizer
         self.chunk_len = chunk_len
         self.facts = facts
@@ -76,38 +105,45 @@ class RecallMaker:
     def make(self, text_ids: torch.Tensor) -> RecallSample:
         length, c, rng = text_ids.numel(), self.chunk_len, self.rng
         n = length // c
-        if n < 3:
-            raise ValueError(f"a recall sample needs >= 3 chunks of {c} tokens, got {length} tokens")
-        places = rng.choice(len(_PLACES), size=self.facts, replace=False)
+        if n < 2:
+            raise ValueError(f"a recall sample needs >= 2 chunks of {c} tokens, got {length} tokens")
+        places = rng.choice(len(_PLACES), size=int(rng.integers(1, self.facts + 1)), replace=False)
+        kinds = list(_TEMPLATES)
         facts = []
         for p in places:
-            statement, question = _TEMPLATES[rng.integers(len(_TEMPLATES))]
-            value = _value(rng)
+            kind = kinds[rng.integers(len(kinds))]
+            statement, questions = _TEMPLATES[kind][rng.integers(len(_TEMPLATES[kind]))]
+            value = _value(rng, kind)
+            question = questions[rng.integers(len(questions))]
             facts.append((self._ids("\n" + statement.format(what=_PLACES[p], value=value) + "\n"),
                           self._ids("\n" + question.format(what=_PLACES[p])), self._ids(" " + value + ".")))
-        # as many facts as fit: the questions in half of the last chunk, the statements in a quarter of the rest
+        # the chunk that asks: any after the first, so the questions come at varying distances from the facts
+        ask = int(rng.integers(1, n))
+        # as many facts as fit: the questions in half a chunk, the statements in a quarter of the chunks before
         while facts and (sum(len(q) + len(a) for _, q, a in facts) > c // 2
-                         or sum(len(s) for s, _, _ in facts) > (n - 1) * c // 4):
+                         or sum(len(s) for s, _, _ in facts) > ask * c // 4):
             facts.pop()
         if not facts:
             raise ValueError(f"chunks of {c} tokens are too short for a recall question")
-        # questions in a shuffled order, at the very end: inside the last chunk, which reads only slots
-        tail, answer_mask = [], []
-        for i in rng.permutation(len(facts)):
+        qa, answer_mask = [], []
+        for i in rng.permutation(len(facts)):  # asked in a shuffled order
             _, q, a = facts[i]
-            tail += q + a
+            qa += q + a
             answer_mask += [False] * len(q) + [True] * len(a)
         statements = [s for s, _, _ in facts]
-        n_text = length - len(tail) - sum(map(len, statements))
-        # facts at random depths of the compressed part (chunks 0 .. n-2), kept in order
-        cuts = np.sort(rng.integers(0, (n - 1) * c - sum(map(len, statements)), size=len(statements)))
-        text = text_ids[:n_text].tolist()
+        planted = sum(map(len, statements))
+        text = text_ids[: length - planted - len(qa)].tolist()
+        # before the asking chunk: text with the statements at random depths, kept in order (ask * c tokens)
+        cuts = np.sort(rng.integers(0, ask * c - planted + 1, size=len(statements)))
         ids, prev = [], 0
         for cut, s in zip(cuts, statements):
             ids += text[prev:cut] + s
             prev = cut
-        ids += text[prev:] + tail
-        mask = [False] * (length - len(tail)) + answer_mask
+        ids += text[prev : ask * c - planted]
+        # the asking chunk: text, the questions and answers at a random offset, text to the end
+        at = ask * c - planted + int(rng.integers(0, c - len(qa) + 1))
+        ids += text[ask * c - planted : at] + qa + text[at:]
+        mask = [False] * (len(ids) - len(qa) - len(text[at:])) + answer_mask + [False] * len(text[at:])
         return RecallSample(torch.tensor(ids, dtype=torch.long), torch.tensor(mask))
 
 

@@ -26,8 +26,9 @@ from ..machine import default_device, machine
 from ..model.checkpoint import load_embedder_weights, load_model, save_embedder_weights
 from .config import TrainConfig
 from .data import WindowSampler, split_documents, tokenize_cached
+from .key_tokens import GainCache, frozen_logprobs, key_weights
 from .recall import RecallMaker, answer_weights
-from .two_stream import linear_cross_entropy, teacher_topk, two_stream_forward
+from .two_stream import compact_slots, teacher_topk, two_stream_forward
 
 EMA_WEIGHTS = "embedder-ema.safetensors"  # the moving average of the weights, beside embedder.safetensors
 INIT_RECORD = "initialised-from.json"  # the record of the --init-embedder weights, taken when the run starts
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     docs = tokenize_cached(cfg.data, tok, cfg.cache_dir)
     held = tokenize_cached(cfg.heldout, tok, cfg.cache_dir) if cfg.heldout else None
     train_docs, held_docs = split_documents(docs, held)
-    sampler = WindowSampler(train_docs, cfg.sample_len, seed=cfg.seed)
+    sampler = WindowSampler(train_docs, cfg.sample_len, seed=cfg.seed, align=cfg.window_align or cfg.chunk_len)
     eval_set = WindowSampler(held_docs, cfg.sample_len).fixed(cfg.eval_samples) if held_docs else []
     k_rng = np.random.default_rng(cfg.seed + 1)
     recall_maker = RecallMaker(tok, cfg.chunk_len, seed=cfg.seed + 2)
@@ -84,6 +85,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     else:
         eval_recall = []
 
+    gains = GainCache(cfg.cache_dir, model, cfg.chunk_len, model.llm.dtype) \
+        if cfg.key_weight or cfg.content_margin else None
+    objective = TextObjective(cfg, gains)
+
     params = [p for p in model.embedder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = None
@@ -92,6 +97,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                                                   multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     step = samples = 0
+    busy_minutes = 0.0  # CPU time per thread of the steps so far (the --cpu-minutes budget)
     state_file = out / "train-state.pt"
     if resume and state_file.exists():
         load_embedder_weights(model.embedder, out / "embedder.safetensors")
@@ -105,6 +111,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if "recall" in rngs:
             recall_maker.rng.bit_generator.state = rngs["recall"]
         samples = _rewind_log(out / "log.jsonl", step, state.get("samples"))
+        busy_minutes = float(state.get("busy_minutes", 0.0))
         if ema is not None and (out / EMA_WEIGHTS).exists():  # else the average starts here
             load_embedder_weights(ema.module, out / EMA_WEIGHTS)
             ema.n_averaged.fill_(int(state.get("ema_updates", 1)))
@@ -127,25 +134,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                    **_evaluate_both(model, ema, eval_set, eval_recall, cfg, bf16)})
 
     bar = tqdm(total=cfg.steps, initial=step, desc="training embedder", unit="step")
-    while step < cfg.steps:
+    while step < cfg.steps and not (cfg.cpu_minutes and busy_minutes >= cfg.cpu_minutes):
         t0, cpu0 = time.perf_counter(), time.process_time()
         losses, ks, kinds = [], [], []
         for _ in range(cfg.accum):
-            ids, weight = sampler.sample(), None
+            ids = sampler.sample().to(device)
             # the draw is made for every sample, so the text and k streams stay the same whatever cfg.recall is
-            if recall_maker.rng.random() < cfg.recall:
-                made = recall_maker.make(ids)
-                ids, weight = made.ids, answer_weights(made.answer, cfg.recall_answer_share).to(device)
-            ids = ids.to(device)
+            made = recall_maker.make(ids.cpu()) if recall_maker.rng.random() < cfg.recall else None
             k = int(k_rng.choice(cfg.k_ladder))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                teacher = teacher_topk(model, ids, cfg.chunk_len, cfg.distill_top) if cfg.distill else None
-                loss = two_stream_forward(model, ids, k, cfg.chunk_len, teacher=teacher, distill=cfg.distill,
-                                          token_weight=weight)
+                if made is not None:
+                    ids = made.ids.to(device)
+                    loss = two_stream_forward(model, ids, k, cfg.chunk_len, row_len=cfg.raw_rows or None,
+                                              token_weight=answer_weights(made.answer, cfg.recall_answer_share)
+                                              .to(device))
+                else:
+                    loss = objective.loss(model, ids, k)
             (loss / cfg.accum).backward()
             losses.append(loss.item())
             ks.append(k)
-            kinds.append("text" if weight is None else "recall")
+            kinds.append("text" if made is None else "recall")
         samples += cfg.accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
         opt.step()
@@ -158,28 +166,65 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         # the process's CPU time per thread: what the step cost the machine, without the time a
         # SIGSTOP pause (another job on the cores) adds to its wall time
         busy = (time.process_time() - cpu0) / torch.get_num_threads()
+        busy_minutes += busy / 60
+        last = step == cfg.steps or bool(cfg.cpu_minutes and busy_minutes >= cfg.cpu_minutes)
         rec = {"step": step, "samples": samples, "kind": "train", "loss": float(np.mean(losses)),
                "ks": ks, "sample_kinds": kinds, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": cfg.accum * cfg.sample_len / dt, "step_seconds": dt, "busy_seconds": busy}
+               "tokens_per_s": cfg.accum * cfg.sample_len / dt, "step_seconds": dt, "busy_seconds": busy,
+               "busy_minutes": busy_minutes}
+        if gains is not None:
+            rec.update(gain_cache_hits=gains.hits, gain_cache_misses=gains.misses)
         _log(log, rec)
         bar.update()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if eval_set and (step % cfg.eval_every == 0 or last):
             ev = _evaluate_both(model, ema, eval_set, eval_recall, cfg, bf16)
             _log(log, {"step": step, "samples": samples, "kind": "eval", **ev})
             bar.write(f"step {step}: held-out loss " + "; ".join(
                 f"{name} " + ", ".join(f"k={k} {v:.4f}" for k, v in ev[key].items())
                 for name, key in (("live", "loss_by_k"), ("ema", "ema_loss_by_k")) if key in ev))
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or last:
             _save(model, opt, sched, step, samples, {"sampler": sampler.rng, "k": k_rng, "recall": recall_maker.rng},
-                  out, ema)
+                  out, ema, busy_minutes)
             plot_curves(out / "log.jsonl", out / "loss.png")
     bar.close()
     log.close()
     return out
 
 
-def _save(model, opt, sched, step, samples, rngs: dict, out: Path, ema=None):
+class TextObjective:
+    """The loss of a text sample: the two-stream LM loss, optionally weighted toward key tokens
+    (`key_weight`), distilled (`distill`), and with the content margin against the previous text
+    sample's slots (`content_margin`); rows cut to `raw_rows`. One place for what a step optimises,
+    whoever runs the step."""
+
+    def __init__(self, cfg: TrainConfig, gains: GainCache | None):
+        self.cfg, self.gains = cfg, gains
+        self.previous: torch.Tensor | None = None  # the last text sample: the content margin's wrong document
+
+    def loss(self, model, ids: torch.Tensor, k: int) -> torch.Tensor:
+        cfg, c = self.cfg, self.cfg.chunk_len
+        rows = cfg.raw_rows or None
+        gain = self.gains.gains(model, ids) if self.gains is not None else None
+        weight = None
+        if cfg.key_weight:
+            weight = torch.ones(ids.numel(), device=ids.device)
+            weight[c:] = key_weights(gain, cfg.key_weight, cfg.key_cap)
+        hinge = None
+        if cfg.content_margin and self.previous is not None:
+            with torch.no_grad():  # the wrong document's slots: a baseline, no gradient through them
+                wrong = compact_slots(model, self.previous, k, c)
+                _, wrong_lp, lay = two_stream_forward(model, ids, k, c, return_logprobs=True, row_len=rows,
+                                                      compact=wrong)
+            where = gain[lay.target_at - c].clamp(0.0, cfg.key_cap)  # the margin where long context helps
+            hinge = (wrong_lp + cfg.margin, cfg.content_margin * where / where.sum().clamp_min(1e-6))
+        self.previous = ids
+        teacher = teacher_topk(model, ids, c, cfg.distill_top) if cfg.distill else None
+        return two_stream_forward(model, ids, k, c, teacher=teacher, distill=cfg.distill, token_weight=weight,
+                                  row_len=rows, hinge=hinge)
+
+
+def _save(model, opt, sched, step, samples, rngs: dict, out: Path, ema=None, busy_minutes: float = 0.0):
     # write-then-rename: an interrupted save never leaves a half-written checkpoint
     def tmp(name: str) -> Path:
         stem, ext = name.split(".", 1)
@@ -187,7 +232,8 @@ def _save(model, opt, sched, step, samples, rngs: dict, out: Path, ema=None):
 
     names = ["embedder.safetensors", "train-state.pt", "rng.json"]
     save_embedder_weights(model.embedder, tmp("embedder.safetensors"))
-    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "samples": samples}
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "samples": samples,
+             "busy_minutes": busy_minutes}
     if ema is not None:
         save_embedder_weights(ema.module, tmp(EMA_WEIGHTS))
         state["ema_updates"] = int(ema.n_averaged)
@@ -220,11 +266,6 @@ def _is_context_target(t: torch.Tensor, chunk_len: int) -> torch.Tensor:
     return (t >= chunk_len) & (t % chunk_len != 0)
 
 
-def _context_targets(n_tokens: int, chunk_len: int, device) -> torch.Tensor:
-    t = torch.arange(n_tokens, device=device)
-    return t[_is_context_target(t, chunk_len)]
-
-
 @contextmanager
 def _embedder_swapped(model, embedder):
     live, model.embedder = model.embedder, embedder
@@ -253,7 +294,7 @@ def _evaluate_both(model, ema, samples, recall_samples, cfg: TrainConfig, bf16: 
 @torch.no_grad()
 def evaluate(model, samples, ks, chunk_len: int, bf16: bool, targets: list[torch.Tensor] | None = None) -> dict:
     """{k: [held-out loss of each sample]} of the two-stream pass: the mean over the tokens of chunks 1..
-    (see _context_targets), or over the tokens each `targets` mask (like the sample) marks."""
+    (see _is_context_target), or over the tokens each `targets` mask (like the sample) marks."""
     was = model.embedder.training
     model.embedder.eval()
     res = {}
@@ -277,12 +318,11 @@ def reference_losses(model, samples, chunk_len: int, bf16: bool, per_sample: boo
     full, none = [], []
     for ids in samples:
         ids = ids.to(model.device)
-        t = _context_targets(ids.numel(), chunk_len, ids.device)
+        scored = _is_context_target(torch.arange(chunk_len, ids.numel(), device=ids.device), chunk_len)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            for out, batch in ((full, ids[None]), (none, ids.view(-1, chunk_len))):
-                h = model.llm.model(input_ids=batch).last_hidden_state.flatten(0, 1)
-                _, lp = linear_cross_entropy(h[t - 1], model.llm.lm_head.weight, ids[t])
-                out.append(-lp.mean().item())
+            lp_full, lp_alone = frozen_logprobs(model, ids, chunk_len)
+        full.append(-lp_full[scored].mean().item())
+        none.append(-lp_alone[scored].mean().item())
     res = {"full_context": float(np.mean(full)), "no_context": float(np.mean(none))}
     if per_sample:
         res.update(full_context_per_sample=full, no_context_per_sample=none)

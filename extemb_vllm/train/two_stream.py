@@ -49,35 +49,56 @@ class TwoStreamLayout:
     chunk_len: int
     k: int
     slots: int  # compact slots per chunk (m)
+    row_len: int  # raw tokens per row (r <= c): the first r tokens of each predicted chunk
     compact_positions: torch.Tensor  # (n_c,) positions of C_0..C_{n-2}, n_c = (n-1)*m
-    raw_positions: torch.Tensor  # (n-1, c) positions of R_1..R_{n-1}, i*m + 0..c-1
-    raw_mask: torch.Tensor  # (n-1, c, n_c + c) bool: row of chunk i, query t may read [compact slot | own raw token]
-    target_at: torch.Tensor  # (N,) index in the sample of each predicted token, in logits order: c .. n*c-1
+    raw_positions: torch.Tensor  # (n-1, r) positions of R_1..R_{n-1}, i*m + 0..r-1
+    raw_mask: torch.Tensor  # (n-1, r, n_c + r) bool: row of chunk i, query t may read [compact slot | own raw token]
+    target_at: torch.Tensor  # (N,) index in the sample of each predicted token, in logits order
 
 
-def two_stream_layout(n_chunks: int, chunk_len: int, k: int, device=None) -> TwoStreamLayout:
+def two_stream_layout(n_chunks: int, chunk_len: int, k: int, device=None, row_len: int | None = None) -> TwoStreamLayout:
     n, c = n_chunks, chunk_len
+    r = c if row_len is None else row_len
+    if not 1 <= r <= c:
+        raise ValueError(f"row_len must be in 1..{c}, got {r}")
     m = len(keep_positions(c, k))
     n_c = (n - 1) * m
     ar = lambda *a: torch.arange(*a, device=device)  # noqa: E731
     chunk = ar(1, n)  # the chunks that are predicted: every one but the first
-    raw_positions = chunk[:, None] * m + ar(c)[None, :]
+    raw_positions = chunk[:, None] * m + ar(r)[None, :]
     sees_compact = ar(n_c)[None, None, :] < (chunk * m)[:, None, None]  # (n-1, 1, n_c): slots of chunks < i
-    causal = ar(c)[None, :] <= ar(c)[:, None]  # (c, c)
-    raw_mask = torch.cat([sees_compact.expand(n - 1, c, n_c), causal.expand(n - 1, c, c)], dim=-1)
-    return TwoStreamLayout(n, c, k, m, ar(n_c), raw_positions, raw_mask, ar(c, n * c))
+    causal = ar(r)[None, :] <= ar(r)[:, None]  # (r, r)
+    raw_mask = torch.cat([sees_compact.expand(n - 1, r, n_c), causal.expand(n - 1, r, r)], dim=-1)
+    target_at = (chunk[:, None] * c + ar(r)[None, :]).reshape(-1)
+    return TwoStreamLayout(n, c, k, m, r, ar(n_c), raw_positions, raw_mask, target_at)
+
+
+def compact_slots(model, ids: torch.Tensor, k: int, chunk_len: int) -> torch.Tensor:
+    """((n-1)*m, hidden) stream 1: the compact slots of every chunk of `ids` but the last (whose slots
+    nobody reads), all chunks encoded in one batch."""
+    chunks = ids.view(-1, chunk_len)
+    hidden = model.embedder.encode_chunks(list(chunks[:-1]), model.embed_tokens)
+    keep = keep_positions(chunk_len, k, ids.device)
+    return torch.cat([h[keep] for h in hidden])
 
 
 def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_logprobs: bool = False,
                        teacher: tuple[torch.Tensor, torch.Tensor] | None = None, distill: float = 0.0,
-                       token_weight: torch.Tensor | None = None):
+                       token_weight: torch.Tensor | None = None, row_len: int | None = None,
+                       compact: torch.Tensor | None = None,
+                       hinge: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Mean next-token loss over chunks 1.. of one sample (1-D ids, a multiple of chunk_len long).
 
     `model` is an ExtEmbReference; gradients reach only its embedder (the
     LLM's parameters do not require grad). With `return_logprobs`, also returns
     the log-probability of every target token, indexed like `layout.target_at`.
     `teacher` is `teacher_topk(model, ids, chunk_len)`, mixed in with weight `distill`;
-    `token_weight` (like ids) weights each token's share of the loss (recall samples).
+    `token_weight` (like ids) weights each token's share of the loss (recall samples, key tokens).
+    `row_len` scores only the first row_len tokens of each chunk (the slots still come from
+    whole chunks): the tokens that depend on the slots most, at a fraction of the LLM's cost.
+    `compact` (from `compact_slots`) is read in place of the slots of `ids`' own chunks: another
+    document's, for the content margin. `hinge = (floor, weight)`, like the targets, adds
+    `sum(weight * max(0, floor - logprob))` (`linear_cross_entropy`).
     """
     n = ids.numel() // chunk_len
     if n < 2 or ids.numel() != n * chunk_len:
@@ -85,13 +106,15 @@ def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_
     if not 0.0 <= distill <= 1.0 or (distill > 0) != (teacher is not None):
         raise ValueError(f"distill must be in [0, 1] and comes with a teacher, got {distill} "
                          f"(teacher: {teacher is not None})")
-    lay = two_stream_layout(n, chunk_len, k, device=ids.device)
+    lay = two_stream_layout(n, chunk_len, k, device=ids.device, row_len=row_len)
+    r = lay.row_len
+    if teacher is not None and r < chunk_len:  # the teacher has every token of chunks 1..: keep the rows scored
+        teacher = tuple(t[lay.target_at - chunk_len] for t in teacher)
     chunks = ids.view(n, chunk_len)
-    # stream 1: all chunks but the last one (whose compact slots nobody reads), one batch
-    hidden = model.embedder.encode_chunks(list(chunks[:-1]), model.embed_tokens)
-    keep = keep_positions(chunk_len, k, ids.device)
-    raw = model.embed_tokens(chunks[1:])  # (n-1, c, hidden)
-    compact = torch.cat([h[keep] for h in hidden]).to(raw.dtype)
+    raw = model.embed_tokens(chunks[1:, :r])  # (n-1, r, hidden)
+    compact = (compact_slots(model, ids, k, chunk_len) if compact is None else compact).to(raw.dtype)
+    if compact.shape[0] != (n - 1) * lay.slots:
+        raise ValueError(f"compact has {compact.shape[0]} slots, the layout {(n - 1) * lay.slots}")
     llm = model.llm.model
     # stream 2a: the compact slots, causal, once; keep their keys/values for every chunk
     cache = DynamicCache(config=llm.config)
@@ -107,11 +130,12 @@ def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_
         out_r = llm(inputs_embeds=raw, attention_mask=lay.raw_mask[:, None], position_ids=lay.raw_positions,
                     past_key_values=cache, use_cache=True)
     m = lay.slots
-    # the states that predict chunk i's tokens: the last slot of C_{i-1}, then raw tokens 0..c-2 of R_i
+    # the states that predict chunk i's tokens: the last slot of C_{i-1}, then raw tokens 0..r-2 of R_i
     h = torch.cat([out_c.last_hidden_state[0, m - 1 :: m, None], out_r.last_hidden_state[:, :-1]], dim=1)
-    loss, logprobs = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.llm.lm_head.weight, ids[chunk_len:],
+    loss, logprobs = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.llm.lm_head.weight, ids[lay.target_at],
                                           teacher=teacher, distill=distill,
-                                          row_weight=None if token_weight is None else token_weight[chunk_len:])
+                                          row_weight=None if token_weight is None else token_weight[lay.target_at],
+                                          hinge=hinge)
     if not return_logprobs:
         return loss
     return loss, logprobs, lay
@@ -144,7 +168,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, teacher_idx, teacher_prob, distill: float, row_weight):
+    def forward(ctx, h, weight, targets, teacher_idx, teacher_prob, distill: float, row_weight, floor, hinge_weight):
         n = h.shape[0]
         # each row's share of the loss: uniform, or the given weights normalised to sum to 1
         share = row_weight / row_weight.sum() if row_weight is not None else None
@@ -152,42 +176,54 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)  # softmax in fp32 at least (bf16 logits)
         logprob = torch.empty(n, dtype=acc, device=h.device)
         kl = torch.zeros((), dtype=acc, device=h.device)
+        hinge = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(hw) if ctx.needs_input_grad[0] else None
         for s in range(0, n, LOSS_BLOCK_ROWS):
             e = min(n, s + LOSS_BLOCK_ROWS)
             logits = torch.log_softmax(hw[s:e] @ weight.T, -1, dtype=acc)  # one fused pass from bf16 logits
             logprob[s:e] = logits.gather(-1, targets[s:e, None]).squeeze(-1)
+            rows = torch.full((e - s,), 1.0 / n, dtype=acc, device=h.device) if share is None else share[s:e].to(acc)
+            # the hinge's rows: those whose log-probability is below their floor; d(-logprob)/dh is
+            # the CE gradient of the row, so a hinge only adds weight to the row's CE gradient
+            active = torch.zeros_like(rows)
+            if floor is not None:
+                short = (floor[s:e].to(acc) - logprob[s:e]).clamp_min(0.0)
+                hinge += (hinge_weight[s:e].to(acc) * short).sum()
+                active = hinge_weight[s:e].to(acc) * (short > 0)
             if distill:
                 p = teacher_prob[s:e]
-                kl_rows = (p * (p.clamp_min(1e-30).log() - logits.gather(-1, teacher_idx[s:e]))).sum(-1)
-                kl += kl_rows.sum() / n if share is None else (kl_rows * share[s:e]).sum()
+                kl += (rows * (p * (p.clamp_min(1e-30).log() - logits.gather(-1, teacher_idx[s:e]))).sum(-1)).sum()
             if grad_h is not None:
-                g = logits.exp_()  # softmax - ((1 - distill) * one-hot + distill * teacher)
-                g.scatter_add_(-1, targets[s:e, None], g.new_full((e - s, 1), distill - 1.0))
+                # rows * (softmax - (1 - distill) one-hot - distill teacher) + active * (softmax - one-hot)
+                g = logits.exp_() * (rows + active)[:, None]
+                g.scatter_add_(-1, targets[s:e, None], (-(rows * (1.0 - distill) + active))[:, None])
                 if distill:
-                    g.scatter_add_(-1, teacher_idx[s:e], (-distill * teacher_prob[s:e]).to(acc))
-                g *= 1.0 / n if share is None else share[s:e, None].to(acc)
+                    g.scatter_add_(-1, teacher_idx[s:e], -distill * rows[:, None] * teacher_prob[s:e].to(acc))
                 grad_h[s:e] = g.to(weight.dtype) @ weight
         if grad_h is not None:
             ctx.save_for_backward(grad_h)
         ctx.h_dtype = h.dtype
         ctx.mark_non_differentiable(logprob)
         ce = -logprob.mean() if share is None else -(logprob * share).sum()
-        return (1.0 - distill) * ce + distill * kl, logprob
+        return (1.0 - distill) * ce + distill * kl + hinge, logprob
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logprob):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.h_dtype), None, None, None, None, None, None
+        return (grad_h * grad_loss).to(ctx.h_dtype), None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
                          distill: float = 0.0,
-                         row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         row_weight: torch.Tensor | None = None,
+                         hinge: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, log-probability of each target) for hidden states `h` (N, hidden) and a frozen
     output layer `weight` (vocab, hidden): `(1 - distill) * CE + distill * KL(teacher || student)`,
-    each a mean over rows, weighted by `row_weight` (N,) when given."""
+    each a mean over rows, weighted by `row_weight` (N,) when given; with `hinge = (floor, weight)`
+    (each (N,)), plus `sum(weight * max(0, floor - logprob))`: rows must reach their floor."""
     idx, prob = teacher if teacher is not None else (None, None)
+    floor, hinge_weight = hinge if hinge is not None else (None, None)
     with torch.autocast(h.device.type, enabled=False):  # the dtypes are chosen inside
-        return _LinearCrossEntropy.apply(h, weight, targets, idx, prob, float(distill), row_weight)
+        return _LinearCrossEntropy.apply(h, weight, targets, idx, prob, float(distill), row_weight, floor,
+                                         hinge_weight)
