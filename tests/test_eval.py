@@ -176,6 +176,15 @@ def test_passkey_tiny(tiny, tmp_path):
                                      trials=1, progress=False)
     grid = {(c.method, c.length, c.depth) for c in cells}
     assert len(cells) == len(grid) == 12 and all(not c.note and c.trials == 1 for c in cells)
+    # the key's teacher-forced NLL beside the exact answers: truncation cannot see a needle before its
+    # window (another key planted there leaves the answer's NLL unchanged), the compressed input can
+    assert all(c.key_nll is not None and c.key_nll > 0 for c in cells)
+    assert "NLL per token of the key" in passkey.format_table(cells)
+    planted = {key: passkey.make_prompt(tok, 300, 0.1, key) for key in (12345, 67890)}
+    nll = {(m, key): passkey._key_nll(model, tok, m, ids, 12345, model.ext.window, None, 8, None)
+           for m in ("truncated", "auto") for key, ids in planted.items()}
+    assert nll["truncated", 12345] == pytest.approx(nll["truncated", 67890], rel=1e-5)
+    assert nll["auto", 12345] != pytest.approx(nll["auto", 67890], rel=1e-5)
     # a scored answer: the key's digits in the generated text, however the tokenizer split them
     assert passkey.answer_is_correct(tok, tok("The pass key is 12345.").input_ids, 12345)
     assert passkey.answer_is_correct(tok, tok("1 2345").input_ids, 12345)

@@ -33,6 +33,9 @@ class PasskeyCell:
     trials: int
     correct: int
     note: str = ""
+    # mean negative log-probability per token of the key's digits, teacher-forced after the question:
+    # moves before exact recall does (a key half-remembered scores 0 of 21 but a lower key_nll)
+    key_nll: float | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -64,15 +67,18 @@ def evaluate_passkey(model, tokenizer, lengths, depths, methods, trials=3, windo
         for d in depths:
             for m in methods:
                 cell = PasskeyCell(m, L, d, trials, 0)
+                nll = []
                 for t in range(trials):
                     key = keys[(L, d, t)]
                     ids = make_prompt(tokenizer, L, d, key)
                     try:
                         new = _generate(model, m, ids, W, raw_tail, max_new_tokens, fill_window)
+                        nll.append(_key_nll(model, tokenizer, m, ids, key, W, raw_tail, max_new_tokens, fill_window))
                     except ContextError as e:
                         cell.note = str(e)
                         break
                     cell.correct += answer_is_correct(tokenizer, new, key)
+                cell.key_nll = None if cell.note else sum(nll) / len(nll)
                 cells.append(cell)
                 bar.update()
     bar.close()
@@ -95,6 +101,27 @@ def _generate(model, method, ids, W, raw_tail, max_new_tokens, fill_window):
     return model.generate(ids, max_new_tokens, k=k, raw_tail=raw_tail, window=W, fill_window=fill_window)[0]
 
 
+def _key_nll(model, tokenizer, method, ids, key: int, W, raw_tail, max_new_tokens, fill_window) -> float:
+    """Mean NLL of the key's tokens appended after the question, laid out as `_generate` lays out the prompt
+    (the key in the positions generation would fill)."""
+    answer = torch.tensor(tokenizer(f" {key}", add_special_tokens=False).input_ids)
+    n = answer.numel()
+    full_ids = torch.cat([ids, answer])
+    if method == "full":
+        lp, _ = model.score(full_ids, n, raw_tail=full_ids.numel(), window=model.max_positions)
+    elif method == "truncated":
+        lp, _ = model.score(full_ids[-(W - max_new_tokens + n):], n, window=W, raw_tail=W - max_new_tokens + n)
+    else:
+        k = None if method == "auto" else int(method[1:])
+        # the generation plan reserves max_new_tokens at the end of the window; scoring keeps the same
+        # compressed part and lets the answer take n of those reserved positions
+        plan = model.plan(ids.numel(), k=k, raw_tail=raw_tail, window=W, reserve=max_new_tokens,
+                          fill_window=fill_window)
+        lp, _ = model.score(full_ids, n, k=plan.k, raw_tail=plan.n_raw + n, window=plan.llm_length + n,
+                            fill_window=False, append_stable=False)
+    return float(-lp.mean())
+
+
 def write_json(cells, path, meta):
     with open(path, "w") as f:
         json.dump({"meta": meta, "cells": [dict(asdict(c), accuracy=c.accuracy) for c in cells]}, f, indent=2)
@@ -113,6 +140,13 @@ def format_table(cells) -> str:
             for L in lengths:
                 c = next(c for c in cs if c.length == L and c.depth == d)
                 row += f"{'n/a':>9}" if c.accuracy is None else f"{c.accuracy:>9.2f}"
+            lines.append(row)
+        lines.append(f"  mean NLL per token of the key, teacher-forced (lower: closer to recall)")
+        for d in depths:
+            row = f"{d:>6.2f}"
+            for L in lengths:
+                c = next(c for c in cs if c.length == L and c.depth == d)
+                row += f"{'n/a':>9}" if c.key_nll is None else f"{c.key_nll:>9.3f}"
             lines.append(row)
     return "\n".join(lines)
 
