@@ -137,3 +137,30 @@ def test_cpu_minutes_budget_stops_the_run(tiny_checkpoint, tmp_path):
     train(cfg, resume=True)
     steps = [r for r in map(json.loads, open(out / "log.jsonl")) if r["kind"] == "train"]
     assert [r["step"] for r in steps] == [1, 2] and steps[-1]["busy_minutes"] > spent
+
+
+def test_arms_table_reads_cpu_minutes_from_the_export_record(tiny_checkpoint, tmp_path):
+    """`extemb compare-arms`: each candidate's CPU-minutes come from its export record, its paired figures
+    from the compare result; the table and the plot are drawn."""
+    from extemb_vllm.model.checkpoint import EMBEDDER_FILE
+    from extemb_vllm.train.compare import arms_table, compare_embedders, format_arms, plot_arms
+    from extemb_vllm.train.export import export_embedder
+    from extemb_vllm.train.trainer import train
+
+    from .conftest import TINY_TEXT
+
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "h.txt").write_text(TINY_TEXT[::-1])
+    run = train(_tiny_train_config(tiny_checkpoint, tmp_path, steps=2, key_weight=1.0))
+    cand = export_embedder(run, tmp_path / "cand" / "arm-2.safetensors")
+    res = compare_embedders(str(tiny_checkpoint), [str(tiny_checkpoint / EMBEDDER_FILE), str(cand)],
+                            [str(tmp_path / "held")], n_samples=3, sample_len=48, chunk_len=12, ks=[2, 4], bf16=False,
+                            key_alpha=0.0, mismatched=True)
+    (row,) = arms_table([res])
+    spent = [r for r in map(json.loads, open(run / "log.jsonl")) if r["kind"] == "train"][-1]["busy_minutes"]
+    assert row["run"] == "run" and row["samples"] == 4 and row["cpu_minutes"] == pytest.approx(spent)
+    assert row["vs_shipped_k4"] == tuple(res["vs_first"][str(cand)]["4"])
+    assert set(row) >= {"key_vs_shipped_k2", "key_content_k4"}
+    assert "key_content_k4" in format_arms([row])
+    plot_arms([row], tmp_path / "arms.png")
+    assert (tmp_path / "arms.png").stat().st_size > 1000

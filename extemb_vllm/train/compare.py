@@ -225,3 +225,83 @@ def plot_runs(curves: list[dict], png: str | Path, title: str = ""):
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def arms_table(results: list[dict]) -> list[dict]:
+    """One row per candidate of one or more `compare_embedders` results (the same baseline and windows):
+    its run, CPU-minutes and samples (from the export record beside the weights), and its paired
+    differences from the baseline on the whole text and on key tokens, and its content control."""
+    rows = []
+    for res in results:
+        for path in list(res["embedders"])[1:]:
+            rec_path = Path(path).with_suffix(".json")
+            rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+            row = {"weights": path, "run": Path(rec.get("run", path)).name,
+                   "cpu_minutes": rec.get("cpu_minutes") or _cpu_minutes_at(rec), "samples": rec.get("samples")}
+            for prefix in ("", "key_"):
+                for k, v in res.get(prefix + "vs_first", {}).get(path, {}).items():
+                    row[f"{prefix}vs_shipped_k{k}"] = v
+                for k, v in res.get(prefix + "content", {}).get(path, {}).items():
+                    row[f"{prefix}content_k{k}"] = v
+            rows.append(row)
+    return rows
+
+
+def _cpu_minutes_at(rec: dict) -> float | None:
+    """For records exported before they carried it: the run's logged CPU-minutes at the record's step."""
+    log = Path(rec.get("run", "")) / "log.jsonl"
+    if not log.exists():
+        return None
+    at = [r.get("busy_minutes") for r in map(json.loads, open(log)) if r["kind"] == "train" and r["step"] == rec["steps"]]
+    return at[-1] if at else None
+
+
+def format_arms(rows: list[dict]) -> str:
+    present = {c for r in rows for c in r if "_k" in c}
+    cols = [c for prefix in ("vs_shipped_k", "key_vs_shipped_k", "content_k", "key_content_k")
+            for c in sorted((c for c in present if c.startswith(prefix) and c[len(prefix):].isdigit()),
+                            key=lambda c: int(c.rsplit("_k", 1)[1]))]
+    lines = [f"{'run':<22}{'CPU min':>8}{'samples':>8}" + "".join(f"{c:>28}" for c in cols)]
+    for r in sorted(rows, key=lambda r: (r["run"], r["cpu_minutes"] or 0)):
+        minutes = f"{r['cpu_minutes']:.1f}" if r["cpu_minutes"] is not None else "-"
+        cells = "".join(f"{f'{r[c][0]:+.4f} [{r[c][1]:+.4f},{r[c][2]:+.4f}]':>28}" if c in r else f"{'-':>28}"
+                        for c in cols)
+        lines.append(f"{r['run']:<22}{minutes:>8}{r['samples'] or '-':>8}" + cells)
+    return "\n".join(lines)
+
+
+def plot_arms(rows: list[dict], png: str | Path, title: str = ""):
+    """Per k, the paired difference from the shipped weights against CPU-minutes, one line per arm: on the
+    whole text, on key tokens, and the content control on key tokens (a wrong window's slots against the
+    right one's: higher is more content)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({c.split("_k")[-1] for r in rows for c in r if c.startswith("vs_shipped_k")}, key=int)
+    panels = [("vs_shipped_k", "whole text: loss - shipped's"), ("key_vs_shipped_k", "key tokens: loss - shipped's"),
+              ("key_content_k", "key tokens: wrong window's slots - right's")]
+    panels = [p for p in panels if any(f"{p[0]}{k}" in r for r in rows for k in ks)]
+    fig, axes = plt.subplots(len(panels), len(ks), figsize=(5 * len(ks), 3.3 * len(panels)), squeeze=False)
+    runs = list(dict.fromkeys(r["run"] for r in sorted(rows, key=lambda r: r["run"])))
+    for (key, label), ax_row in zip(panels, axes):
+        for k, ax in zip(ks, ax_row):
+            for i, run in enumerate(runs):
+                pts = sorted((r["cpu_minutes"], r[f"{key}{k}"]) for r in rows
+                             if r["run"] == run and f"{key}{k}" in r and r["cpu_minutes"] is not None)
+                if not pts:
+                    continue
+                x = [p[0] for p in pts]
+                y = [p[1][0] for p in pts]
+                err = [[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]]
+                ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=f"C{i}", label=run, markersize=4)
+            ax.axhline(0, color="black", lw=1, ls="--")
+            ax.set_title(f"k={k}: {label}", fontsize=9)
+            ax.set_xlabel("CPU-minutes of training (per thread)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or "arms at equal CPU-minutes, paired against the shipped weights (95% intervals)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

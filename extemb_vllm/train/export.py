@@ -77,6 +77,8 @@ def export_embedder(run_dir: str | Path, out: str | Path | None = None, note: st
         # which weights of the run these are: the live ones, or their moving average
         "averaged": {"decay": cfg.get("ema"), "updates": int(state.get("ema_updates", 0))} if ema else None,
         "samples": trained[-1]["samples"],
+        # CPU time per thread of the run's steps up to these weights (--cpu-minutes), where the run kept it
+        "cpu_minutes": state.get("busy_minutes"),
         "training_tokens": trained[-1]["samples"] * cfg["sample_len"],
         # with the runs these weights continued (`initialised_from`)
         "samples_total": trained[-1]["samples"] + (parent or {}).get("samples_total", (parent or {}).get("samples", 0)),
