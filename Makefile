@@ -5,8 +5,9 @@ setup:
 	@bash scripts/setup.sh
 
 # Main job on the embedded default: prepare texts, build ./extemb-llama2 (reused
-# when up to date), start `vllm serve --model extemb-llama2`, send it a document
-# longer than the window through the OpenAI client, and keep serving.
+# when up to date), start `vllm serve --model extemb-llama2` (the README's command) and
+# plain vLLM on the same base, send both a document longer than the base model's context
+# through the OpenAI client, and keep serving the first (scripts/serve_demo.sh).
 demo: setup
 	@.venv/bin/extemb data >/dev/null
 	@.venv/bin/extemb build

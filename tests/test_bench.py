@@ -24,9 +24,15 @@ def _extemb(*args, cwd):
 
 @pytest.mark.slow
 def test_bench_serve_tiny(tiny_checkpoint, tmp_path):
+    from extemb_vllm.vllm_plugin.cpu_settings import installed_tcmalloc, serving_dtype
+
     out = _extemb("bench", "serve", "--model", str(tiny_checkpoint), "--contexts", "32,300", "--requests", "2",
-                  "--gen", "3", "--k", "4", "--json", "serve.json", "--plot", "serve.png", cwd=tmp_path)
+                  "--gen", "3", "--k", "4", "--eager", "--json", "serve.json", "--plot", "serve.png", cwd=tmp_path)
     result = json.loads((tmp_path / "serve.json").read_text())
+    # the settings `vllm serve` runs with (eager asked here, to keep the test short), said in the table
+    dtype = str(serving_dtype()).removeprefix("torch.")
+    assert result["settings"] == {"dtype": dtype, "eager": True, "tcmalloc": installed_tcmalloc()}
+    assert f"every engine: {dtype}, eager, {'tcmalloc preloaded' if installed_tcmalloc() else 'no tcmalloc'}" in out
     assert (tmp_path / "serve.png").stat().st_size > 10_000
     cells = {(c["engine"], c["context"]): c for c in result["cells"]}
     assert set(cells) == {(e, c) for e in ("plug-in", "full", "truncated") for c in (32, 300)}

@@ -1,7 +1,6 @@
 """`extemb bench chat`'s bookkeeping, without a server: conversations, counters, summary, table."""
 
 import io
-import json
 from types import SimpleNamespace as NS
 
 import pytest
@@ -37,21 +36,23 @@ def test_workload_refuses_too_little_text():
 class FakeClient:
     """An OpenAI-like client: streams a fixed answer and records the messages of each call."""
 
-    def __init__(self, answers, prompt_tokens):
-        self.calls, self.answers, self.prompt_tokens = [], list(answers), list(prompt_tokens)
+    def __init__(self, answers, positions):
+        self.calls, self.answers, self.positions = [], list(answers), list(positions)
         self.chat = NS(completions=NS(create=self.create))
 
     def create(self, **kw):
         self.calls.append(kw)
-        words, n = self.answers.pop(0), self.prompt_tokens.pop(0)
+        words, n = self.answers.pop(0), self.positions.pop(0)
         chunks = [NS(choices=[NS(delta=NS(content=""), finish_reason=None)], usage=None)]  # the role chunk
         chunks += [NS(choices=[NS(delta=NS(content=w), finish_reason=None)], usage=None) for w in words]
-        chunks.append(NS(choices=[], usage=NS(prompt_tokens=n, completion_tokens=len(words))))
+        # usage as the plug-in's middleware tells it: tokens sent, and the positions read in `extemb`
+        chunks.append(NS(choices=[], usage=NS(prompt_tokens=3 * n, completion_tokens=len(words),
+                                              model_extra={"extemb": {"prompt_positions": n}})))
         return iter(chunks)
 
 
 def test_converse_grows_the_conversation_and_takes_per_turn_deltas():
-    client = FakeClient([["Ann", "."], ["Rome"], ["a", " key"]], prompt_tokens=[3000, 3010, 3020])
+    client = FakeClient([["Ann", "."], ["Rome"], ["a", " key"]], positions=[3000, 3010, 3020])
     counters = iter([  # cumulative: before and after each turn
         dict(prefix_cache_hits=0, prefix_cache_queries=0, chunks_encoded=0, chunks_reused=0),
         dict(prefix_cache_hits=16, prefix_cache_queries=3000, chunks_encoded=6, chunks_reused=0),
@@ -68,7 +69,8 @@ def test_converse_grows_the_conversation_and_takes_per_turn_deltas():
     call = client.calls[0]
     assert call["extra_body"] == {"mm_processor_kwargs": {"append_stable": True}}
     assert call["stream"] and call["stream_options"] == {"include_usage": True} and call["temperature"] == 0
-    assert [r["prompt_tokens"] for r in rows] == [3000, 3010, 3020]
+    assert [r["positions"] for r in rows] == [3000, 3010, 3020]
+    assert [r["sent_tokens"] for r in rows] == [9000, 9030, 9060]
     assert [r["prefix_hits"] for r in rows] == [16, 2400, 3000]
     assert [r["prefix_queries"] for r in rows] == [3000, 3010, 3020]
     assert [r["chunks_encoded"] for r in rows] == [6, 0, 1]
@@ -78,6 +80,16 @@ def test_converse_grows_the_conversation_and_takes_per_turn_deltas():
     assert rows[2]["reused_of_previous"] == pytest.approx(3000 / 3010)
     assert rows[1]["hit_share"] == pytest.approx(2400 / 3010)
     assert all(r["ttft_s"] is not None and r["ttft_s"] <= r["latency_s"] for r in rows)
+
+
+def test_converse_refuses_usage_without_the_positions_read():
+    client = FakeClient([["x"]], [10])
+    client.create = lambda **kw: iter([NS(choices=[], usage=NS(prompt_tokens=10, completion_tokens=1,
+                                                               model_extra={}))])
+    client.chat = NS(completions=NS(create=client.create))
+    zero = dict(prefix_cache_hits=0, prefix_cache_queries=0, chunks_encoded=0, chunks_reused=0)
+    with pytest.raises(RuntimeError, match="no `extemb` extension"):
+        chat.converse(client, "m", ["q"], chat.RULES["fill"], 16, lambda: zero)
 
 
 def test_converse_refuses_a_stream_without_usage():
@@ -90,7 +102,7 @@ def test_converse_refuses_a_stream_without_usage():
 
 
 def _row(turn, ttft, prompt, hits, queries, enc, reused, prev=None):
-    return {"turn": turn, "prompt_tokens": prompt, "ttft_s": ttft, "prefix_hits": hits, "prefix_queries": queries,
+    return {"turn": turn, "positions": prompt, "ttft_s": ttft, "prefix_hits": hits, "prefix_queries": queries,
             "hit_share": hits / queries, "reused_of_previous": None if prev is None else hits / prev,
             "chunks_encoded": enc, "chunks_reused": reused}
 
@@ -117,39 +129,32 @@ def test_summarise_ratios():
     assert single["follow_up_ttft_s"] is None and single["follow_up_vs_first"] is None
 
 
-def test_encoder_stats_missing_file_is_zero_then_deltas(tmp_path):
-    path = tmp_path / "stats.json"
-    before = chat.encoder_stats(path)
-    assert before == {"chunks_encoded": 0, "chunks_reused": 0}
-    path.write_text(json.dumps({"chunks_encoded": 12, "chunks_reused": 3, "other": 1}))
-    after = chat.encoder_stats(path)
-    assert chat.delta(before, after) == {"chunks_encoded": 12, "chunks_reused": 3}
-    assert chat.encoder_stats(None) == before
-
-
 METRICS = """# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
 # TYPE vllm:prefix_cache_hits_total counter
 vllm:prefix_cache_hits_total{engine="0",model_name="extemb-llama2"} 1200.0
 vllm:prefix_cache_hits_created{engine="0",model_name="extemb-llama2"} 1.7e+09
 vllm:prefix_cache_queries_total{engine="0",model_name="extemb-llama2"} 3000.0
 vllm:prefix_cache_queries{engine="1",model_name="other"} 999.0
+# TYPE extemb_chunks_encoded_total counter
+extemb_chunks_encoded_total 12.0
+extemb_chunks_cached_total 3.0
 """
 
 
-@pytest.mark.parametrize("text, hits, queries", [
-    (METRICS, 1200.0, 3000.0),
+@pytest.mark.parametrize("text, hits, queries, encoded, cached", [
+    (METRICS, 1200.0, 3000.0, 12, 3),
     ('vllm:prefix_cache_hits{engine="0"} 5.0\nvllm:prefix_cache_hits{engine="1"} 2.0\n'
-     'vllm:prefix_cache_queries{engine="0"} 9.0\n', 7.0, 9.0),
+     'vllm:prefix_cache_queries{engine="0"} 9.0\n', 7.0, 9.0, 0, 0),
 ])
-def test_prefix_counters_with_and_without_total_suffix(monkeypatch, tmp_path, text, hits, queries):
+def test_counters_read_from_metrics_with_and_without_total_suffix(monkeypatch, text, hits, queries, encoded, cached):
     monkeypatch.setattr(servers.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
-    read = chat.server_counters("http://x", tmp_path / "absent.json")
+    read = chat.server_counters("http://x")
     assert read() == {"prefix_cache_hits": hits, "prefix_cache_queries": queries,
-                      "chunks_encoded": 0, "chunks_reused": 0}
+                      "chunks_encoded": encoded, "chunks_reused": cached}
 
 
 def test_format_table_shows_the_numbers():
-    res = {"model": "extemb-llama2", "machine": "test box", "encoder_stats_written": False,
+    res = {"model": "extemb-llama2", "machine": "test box", "server": "dtype bfloat16 (native bf16); tcmalloc preloaded",
            "settings": dict(doc_chars=60000, follow_ups=2, step_chars=24000, growth_turns=4, max_tokens=16),
            "conversations": [{"scenario": "follow-ups", "rule": "stable", "turns": ROWS,
                               "summary": chat.summarise(ROWS)}]}
@@ -162,7 +167,7 @@ def test_format_table_shows_the_numbers():
                                "-", "10", "17", "-"]
     first = next(line for line in table.splitlines() if line.split()[:3] == ["follow-ups", "stable", "0"])
     assert first.split()[8] == "-"  # no previous turn
-    assert "never wrote its encoder stats" in table
+    assert "server: the README's command (dtype bfloat16 (native bf16); tcmalloc preloaded)" in table
 
 
 def test_unchanged_positions_follow_the_layout_rule():

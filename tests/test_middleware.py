@@ -1,6 +1,7 @@
 """The `vllm serve --middleware` of the plug-in, over a small FastAPI app standing in for vLLM's
 routes (fast: no engine). The real server runs it in tests/test_server.py."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -107,3 +108,81 @@ def test_with_api_keys_only_an_authorised_request_is_checked(monkeypatch):
     assert keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 200
     r = keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer secret"})
     assert r.status_code == 400 and "max_token" in r.json()["error"]["message"]
+
+
+# -- usage: the tokens sent in prompt_tokens, what the engine read in usage.extemb ----------------
+def _usage_app() -> TestClient:
+    """A stand-in for vLLM's completion route: it renders its prompts as the plug-in's renderer
+    does (one layout per prompt into the request's accounting) and reports vLLM's usage, whose
+    prompt_tokens are the positions read; streamed in pieces that split events."""
+    from fastapi.responses import StreamingResponse
+
+    from extemb_vllm.model.config import plan_compression
+    from extemb_vllm.usage import prompt_layout
+    from extemb_vllm.vllm_plugin import accounting
+
+    app = FastAPI()
+    app.state.args = SimpleNamespace(api_key=None)
+    hf = SimpleNamespace(architectures=[ARCHITECTURE], extemb=EXT.to_dict(), advertised_max_model_len=91136)
+    app.state.vllm_config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        lengths = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        plans = [plan_compression(n, EXT, reserve=EXT.reserve) for n in lengths]
+        for n, plan in zip(lengths, plans):
+            accounting.add(prompt_layout(n, plan))
+        positions = sum(p.llm_length for p in plans)
+        usage = {"prompt_tokens": positions, "total_tokens": positions + 5, "completion_tokens": 5,
+                 "prompt_tokens_details": None}
+        if not body.get("stream"):
+            return {"id": "cmpl-1", "choices": [{"index": 0, "text": "abcde"}], "usage": usage}
+        per_prompt = {"prompt_tokens": plans[0].llm_length, "completion_tokens": 1,
+                      "total_tokens": plans[0].llm_length + 1}
+        events = [json.dumps({"choices": [{"index": 0, "text": "a"}], "usage": per_prompt}),
+                  json.dumps({"choices": [{"index": 0, "text": 'x "usage"'}], "usage": None}),
+                  json.dumps({"choices": [], "usage": usage})]
+        raw = "".join(f"data: {e}\n\n" for e in events) + "data: [DONE]\n\n"
+        pieces = [raw[i:i + 37] for i in range(0, len(raw), 37)]  # events split across sends
+        return StreamingResponse((p for p in pieces), media_type="text/event-stream")
+
+    app.add_middleware(ExtEmbRequests)
+    return TestClient(app)
+
+
+def test_usage_reports_the_tokens_sent_and_what_the_engine_read():
+    from extemb_vllm.model.config import plan_compression
+
+    r = _usage_app().post("/v1/completions", json={"model": "m", "prompt": 12000})
+    plan = plan_compression(12000, EXT, reserve=EXT.reserve)
+    assert plan.k is not None and plan.llm_length < 12000
+    assert r.json()["usage"] == {
+        "prompt_tokens": 12000, "completion_tokens": 5, "total_tokens": 12005, "prompt_tokens_details": None,
+        "extemb": {"prompt_positions": plan.llm_length, "compact_slots": plan.n_slots, "raw_positions": plan.n_raw,
+                   "compressed_tokens": plan.n_compressed, "k": plan.k}}
+    assert int(r.headers["content-length"]) == len(r.content)
+
+
+def test_usage_of_a_batch_sums_its_prompts_and_a_short_prompt_reads_what_was_sent():
+    from extemb_vllm.model.config import plan_compression
+
+    long = plan_compression(30000, EXT, reserve=EXT.reserve)
+    usage = _usage_app().post("/v1/completions", json={"model": "m", "prompt": [30000, 100]}).json()["usage"]
+    assert usage["prompt_tokens"] == 30100 and usage["total_tokens"] == 30105
+    assert usage["extemb"] == {"prompt_positions": long.llm_length + 100, "compact_slots": long.n_slots,
+                               "raw_positions": long.n_raw + 100, "compressed_tokens": long.n_compressed,
+                               "k": long.k}
+
+
+def test_streamed_usage_events_are_rewritten_and_the_rest_passes_unchanged():
+    from extemb_vllm.model.config import plan_compression
+
+    plan = plan_compression(20000, EXT, reserve=EXT.reserve)
+    r = _usage_app().post("/v1/completions", json={"model": "m", "prompt": 20000, "stream": True})
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and len(events) == 4
+    first, middle, last = (json.loads(e[len("data: "):]) for e in events[:3])
+    assert first["usage"]["prompt_tokens"] == 20000 and first["usage"]["total_tokens"] == 20001  # per-chunk usage
+    assert middle == {"choices": [{"index": 0, "text": 'x "usage"'}], "usage": None}
+    assert last["usage"]["prompt_tokens"] == 20000 and last["usage"]["extemb"]["prompt_positions"] == plan.llm_length

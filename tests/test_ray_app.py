@@ -4,6 +4,7 @@ runtime gives the in-engine plug-in's outputs for the same inputs."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -39,7 +40,9 @@ def app_port(tiny_checkpoint, tmp_path_factory):
     from extemb_vllm.bench.servers import free_port
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # metrics reported every second (Ray's default: 10 s), so a test can read them soon after
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 1000})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     ck = str(tiny_checkpoint)
     embedder = EmbedderWorker.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(ck)
@@ -165,7 +168,8 @@ def test_openai_client_same_answers_as_the_in_engine_plug_in(app_port, in_engine
                               SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0].outputs[0].text
     r = client.completions.create(model="tiny-extemb", prompt=ids, max_tokens=4, temperature=0,
                                   extra_body={"k": 8, "reserve": 4})
-    assert r.choices[0].text == want and r.usage.completion_tokens == 4 and r.usage.prompt_tokens == 60
+    assert r.choices[0].text == want and r.usage.completion_tokens == 4
+    assert r.usage.prompt_tokens == 200 and r.usage.model_extra["extemb"]["prompt_positions"] == 60  # sent; read
     streamed = client.completions.create(model="tiny-extemb", prompt=ids, max_tokens=4, temperature=0, stream=True,
                                          extra_body={"k": 8, "reserve": 4})
     assert "".join(c.choices[0].text for c in streamed) == want
@@ -390,31 +394,35 @@ PARITY = [
 ]
 
 
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "extemb")
+
+
 def _answer(http, path, body, model):
-    """(status, [(text, finish_reason, chosen-token logprobs)] per choice) of one request."""
+    """(status, [(text, finish_reason, chosen-token logprobs)] per choice, usage) of one request."""
     r = http.post(path, json={"model": model, "temperature": 0, **body})
     if r.status_code != 200:
-        return r.status_code, r.json()["error"]["message"]
+        return r.status_code, r.json()["error"]["message"], None
     if body.get("stream"):
         texts = {}
         for line in r.text.splitlines():
             if line.startswith("data: {"):
                 for c in json.loads(line[6:])["choices"]:
                     texts.setdefault(c["index"], []).append(c["text"])
-        return 200, sorted((i, "".join(t)) for i, t in texts.items())
+        return 200, sorted((i, "".join(t)) for i, t in texts.items()), None
     out = []
     for c in sorted(r.json()["choices"], key=lambda c: c["index"]):
         lp = c.get("logprobs")
         chosen = (lp.get("token_logprobs") or [e["logprob"] for e in lp.get("content", [])]) if lp else None
         out.append((c.get("text", (c.get("message") or {}).get("content")), c["finish_reason"], chosen))
-    return 200, out
+    return 200, out, {key: r.json()["usage"].get(key) for key in USAGE_KEYS}
 
 
 @pytest.mark.slow
 def test_same_requests_same_answers_as_vllm_serve(app_port, tiny_checkpoint, tmp_path):
     from extemb_vllm.bench.servers import VllmServer
 
-    with VllmServer(tiny_checkpoint, tmp_path / "vllm-serve.log",
+    # float32 and eager on both: the Ray app's replica runs so here, and logprobs are compared
+    with VllmServer(tiny_checkpoint, tmp_path / "vllm-serve.log", dtype="float32", eager=True,
                     extra_args=("--max-model-len", "64", "--max-num-batched-tokens", "512", "--seed", "0")) as srv, \
             httpx.Client(base_url=srv.base_url, timeout=300) as served, \
             httpx.Client(base_url=f"http://127.0.0.1:{app_port}", timeout=300,
@@ -426,7 +434,98 @@ def test_same_requests_same_answers_as_vllm_serve(app_port, tiny_checkpoint, tmp
             if want[0] != 200:
                 continue
             assert len(got[1]) == len(want[1]), (body, want, got)
+            assert got[2] == want[2], (body, want, got)  # usage: tokens sent, and what the engine read
             for g, w in zip(got[1], want[1]):
                 assert g[:2] == w[:2], (body, want, got)  # text (and finish reason)
                 if len(w) > 2 and w[2] is not None:
                     assert max(abs(a - b) for a, b in zip(g[2], w[2])) < TOL, (body, want, got)
+
+
+def _ray_series() -> dict[str, float]:
+    """The plug-in's series as Ray's metrics endpoint of this node exports them, summed over labels
+    but `le` (ray_ prefix dropped: the names `vllm serve` exports)."""
+    import re
+    import urllib.request
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^ray_(extemb_[a-z_]+)(?:{([^}]*)})? ([0-9.e+-]+)$", text, re.M):
+        le = re.search(r'le="([^"]+)"', labels or "")
+        key = f"{name}{{le={le.group(1)}}}" if le else name
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def _gauge_by_worker(name: str) -> dict[str, float]:
+    import re
+    import urllib.request
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {worker: float(value) for worker, value in
+            re.findall(rf'^ray_{name}{{[^}}]*WorkerId="([0-9a-f]+)"[^}}]*}} ([0-9.e+-]+)$', text, re.M)}
+
+
+def _settled(read, every_s: float = 1.5, tries: int = 20) -> dict:
+    """A reading that the next one repeats: everything recorded so far has been exported."""
+    last = read()
+    for _ in range(tries):
+        time.sleep(every_s)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("Ray's exported metrics did not settle")
+
+
+@pytest.mark.slow
+def test_metrics_and_usage_of_an_over_long_request(app_port, tiny_checkpoint):
+    """The Ray app reports the plug-in's series under the names `vllm serve` uses (Ray prefixes
+    ray_), moved by what an over-long request's layout implies; usage as over `vllm serve`."""
+    from extemb_vllm import metrics as m
+    from extemb_vllm.model import plan_request
+    from extemb_vllm.model.checkpoint import read_extemb_config
+    from extemb_vllm.usage import prompt_layout
+
+    ext, ids = read_extemb_config(tiny_checkpoint), _ids(230, 71)  # content no other test sends
+    plan = plan_request([], ids, {"k": 8}, ext, None).plan
+    assert plan.k == 8 and plan.n_compressed > 0
+    embedder = serve.get_deployment_handle("EmbedderWorker", app_name=APP)
+
+    def store_bytes() -> dict:  # {Ray worker id: bytes its store holds}, of both replicas
+        seen = {}
+        for _ in range(60):
+            s = embedder.stats.remote().result()
+            seen[s["worker_id"]] = s["store_bytes"]
+            if len(seen) == 2:
+                return seen
+        raise AssertionError("did not reach both embedder replicas")
+
+    before, stored = _settled(_ray_series), store_bytes()
+    with httpx.Client(base_url=f"http://127.0.0.1:{app_port}", timeout=300,
+                      headers={"Authorization": "Bearer key-a"}) as http:
+        r = http.post("/v1/completions", json={"model": "tiny-extemb", "prompt": ids, "max_tokens": 2,
+                                               "mm_processor_kwargs": {"k": 8}})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert (usage["prompt_tokens"], usage["total_tokens"]) == (230, 230 + usage["completion_tokens"])
+    assert usage["extemb"] == {k: v for k, v in prompt_layout(230, plan).items() if k != "sent_tokens"}
+    after, now_stored = _settled(_ray_series), store_bytes()
+    moved = {name: after[name] - before.get(name, 0.0) for name in after}
+    exported = {name.split("{")[0] for name in after}
+    assert {s.name for s in m.SERIES if s.name != m.CHUNKS_CACHED.name} <= {  # cached: once one is served
+        n.removesuffix("_total").removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in exported}
+    assert moved["extemb_requests_compressed_total"] == 1
+    assert moved["extemb_compressed_tokens_total"] == plan.n_compressed
+    assert moved["extemb_compact_slots_total"] == plan.n_slots
+    # the k observed: in the bucket up to 8, not in the one up to 4 (Ray's _sum is made of bucket midpoints)
+    assert (moved["extemb_k_bucket{le=8.0}"], moved["extemb_k_bucket{le=4.0}"], moved["extemb_k_count"]) == (1, 0, 1)
+    assert moved["extemb_chunks_encoded_total"] == len(plan.chunks)
+    assert moved.get("extemb_chunks_cached_total", 0) == 0
+    assert moved["extemb_embedder_seconds_count"] >= 1
+    # the worker that encoded them keeps every compressed token's full-resolution output (float32),
+    # and the gauge (one series per worker, set again every second) says what each store holds
+    hidden = json.loads((tiny_checkpoint / "config.json").read_text())["hidden_size"]
+    assert sum(now_stored.values()) - sum(stored.values()) == plan.n_compressed * hidden * 4
+    assert _gauge_by_worker("extemb_chunk_cache_bytes") == now_stored

@@ -54,7 +54,9 @@ def test_wheel_in_a_fresh_environment_serves(smollm2_checkpoint, tmp_path):
         long_prompt = [100 + i % 5000 for i in range(6000)]  # past the window: compressed
         r = http.post("/v1/completions", json={"model": "extemb-llama2", "prompt": long_prompt, "max_tokens": 4})
         assert r.status_code == 200, r.text
-        assert r.json()["usage"]["prompt_tokens"] <= 4096 and r.json()["usage"]["completion_tokens"] == 4
+        usage = r.json()["usage"]  # the tokens sent; what the engine read in usage.extemb (the middleware)
+        assert usage["prompt_tokens"] == 6000 and usage["extemb"]["prompt_positions"] <= 4096
+        assert usage["completion_tokens"] == 4
         bad = http.post("/v1/completions", json={"model": "extemb-llama2", "prompt": "Hi", "max_token": 2})
         assert bad.status_code == 400 and "max_token" in bad.json()["error"]["message"]
         bad = http.post("/v1/completions", json={"model": "extemb-llama2", "prompt": "Hi",

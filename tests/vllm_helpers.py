@@ -12,10 +12,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def make_llm(model_dir, max_model_len, **kw):
+def make_llm(model_dir, max_model_len, dtype="float32", **kw):
     from vllm import LLM
 
-    return LLM(model=str(model_dir), enforce_eager=True, max_model_len=max_model_len, dtype="float32", seed=0,
+    return LLM(model=str(model_dir), enforce_eager=True, max_model_len=max_model_len, dtype=dtype, seed=0,
                limit_mm_per_prompt={"context": 1}, **kw)
 
 
@@ -51,17 +51,23 @@ def precomputed_request(model, ids, opts):
             "multi_modal_data": {"context": {"embeds": compact, "reserve": opts.get("reserve", model.ext.reserve)}}}
 
 
-def compare_with_reference(llm, model, cases, max_tokens=4, precomputed=False):
+def compare_with_reference(llm, model, cases, max_tokens=4, precomputed=False, same_greedy=True, mean=False,
+                           request=None):
     """cases: (ids, n_prompt, opts). Returns the largest |logprob difference| over all checks.
     precomputed: send each input as compact embeddings made by the reference model's embedder.
 
-    Checks, per case: greedy tokens equal; log-probs of the generated tokens and of
-    the raw prompt tokens (placeholders excluded) equal within tolerance.
+    Checks, per case: greedy tokens equal (unless same_greedy=False: an engine in bf16 may part
+    from the float32 reference at a near tie); log-probs of the generated tokens (vLLM's, scored
+    by the reference along the same sequence) and of the raw prompt tokens (placeholders
+    excluded) equal within tolerance. mean=True: the largest per-case mean |difference| instead
+    (bf16 rounding moves a few of thousands of positions by tenths; a wrong input moves many).
+    request: (ids, n_prompt, opts) -> what vLLM is sent instead (a control's wrong input).
     """
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, prompt_logprobs=0)
-    reqs = [precomputed_request(model, ids, o) if precomputed else vllm_request(ids, n, **o) for ids, n, o in cases]
+    make = request or (lambda ids, n, o: precomputed_request(model, ids, o) if precomputed else vllm_request(ids, n, **o))
+    reqs = [make(ids, n, o) for ids, n, o in cases]
     outs = llm.generate(reqs, sp, use_tqdm=False)
     worst = 0.0
     for (ids, n_prompt, opts), out in zip(cases, outs):
@@ -80,7 +86,7 @@ def compare_with_reference(llm, model, cases, max_tokens=4, precomputed=False):
                 nxt = model.forward(embeds)[0, -1].argmax().item()
                 want.append(nxt)
                 embeds = torch.cat([embeds, model.embed_tokens(torch.tensor([[nxt]]))], dim=1)
-        assert got == want, f"greedy tokens differ: vLLM {got} vs reference {want} ({plan})"
+        assert got == want or not same_greedy, f"greedy tokens differ: vLLM {got} vs reference {want} ({plan})"
         # log-probs of the raw prompt tokens and of the generated ones, on one sequence
         seq = torch.cat([ids, torch.tensor(got)])
         n_raw = plan.n_raw + len(got)
@@ -93,5 +99,6 @@ def compare_with_reference(llm, model, cases, max_tokens=4, precomputed=False):
         v_prompt = torch.tensor([next(iter(d.values())).logprob if len(d) == 1 else d[t].logprob
                                  for d, t in zip(raw_positions, out.prompt_token_ids[-len(raw_positions):])])
         ref_prompt = lp[: len(v_prompt)]
-        worst = max(worst, torch.cat([v_gen - ref_gen, v_prompt - ref_prompt]).abs().max().item())
+        diff = torch.cat([v_gen - ref_gen, v_prompt - ref_prompt]).abs()
+        worst = max(worst, (diff.mean() if mean else diff.max()).item())
     return worst

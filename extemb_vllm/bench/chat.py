@@ -14,14 +14,13 @@ chunk store can serve another's), the same lengths for both:
   follow-ups  one long document + a question, then N short follow-up questions
   growing     each turn appends the next S characters of a document + a short question
 
-Per turn: positions read (usage.prompt_tokens), time to first token, prefix-cache hits and
-queries (deltas of the server's Prometheus counters), chunks encoded and chunks served from the
-plug-in's store (deltas of the JSON file the model writes where EXTEMB_ENCODER_STATS points).
+Per turn: positions read (usage.extemb.prompt_positions), time to first token, prefix-cache hits
+and queries, chunks encoded and chunks served from the plug-in's chunk cache (deltas of the
+server's Prometheus counters on /metrics: vLLM's and the plug-in's).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..machine import machine
-from .servers import VllmServer, metric
+from .servers import VllmServer, has_metric, metric, metrics_text, server_settings
 
 RULES = {"fill": {"append_stable": False}, "stable": {"append_stable": True}}
 SCENARIOS = ("follow-ups", "growing")
@@ -39,7 +38,8 @@ FOLLOW_UPS = ("Where does the last scene take place?", "Name one object that is 
               "What happens at the very end?", "Who speaks first?", "What is the mood of the passage?")
 STEP_QUESTION = "\n\nQuestion: what happens in this part? Answer briefly."
 PREFIX_COUNTERS = ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries")
-ENCODER_COUNTERS = ("chunks_encoded", "chunks_reused")
+# the plug-in's counters on /metrics (extemb_vllm/metrics.py), by the names the rows give them
+ENCODER_COUNTERS = {"chunks_encoded": "extemb_chunks_encoded_total", "chunks_reused": "extemb_chunks_cached_total"}
 
 
 # -- workload -------------------------------------------------------------------------------------
@@ -94,24 +94,23 @@ def prefix_counter(read_metric, name: str) -> float:
     return read_metric(name + "_total") or read_metric(name)
 
 
-def encoder_stats(path: Path | None) -> dict:
-    """The plug-in's cumulative encoder counters; zeros until the model first writes the file
-    (it is replaced atomically, so a read never sees half of it)."""
-    try:
-        stats = json.loads(Path(path).read_text())
-    except (FileNotFoundError, TypeError):  # not written yet, or no path
-        stats = {}
-    return {key: int(stats.get(key, 0)) for key in ENCODER_COUNTERS}
-
-
-def server_counters(base_url: str, stats_path: Path):
+def server_counters(base_url: str):
     """read_counters() for a live server: prefix-cache tokens and encoder chunks, cumulative."""
 
     def read():
-        prefix = {name.split(":")[1]: prefix_counter(lambda m: metric(base_url, m), name) for name in PREFIX_COUNTERS}
-        return {**prefix, **encoder_stats(stats_path)}
+        text = metrics_text(base_url)
+        prefix = {name.split(":")[1]: prefix_counter(lambda m: metric(base_url, m, text), name) for name in PREFIX_COUNTERS}
+        return {**prefix, **{key: int(metric(base_url, name, text)) for key, name in ENCODER_COUNTERS.items()}}
 
     return read
+
+
+def positions_read(usage) -> int:
+    """The positions the engine read, from a response's usage (its `extemb` extension)."""
+    extension = (usage.model_extra or {}).get("extemb") if hasattr(usage, "model_extra") else getattr(usage, "extemb", None)
+    if not extension:
+        raise RuntimeError("the response's usage has no `extemb` extension: is the plug-in's middleware on?")
+    return int(extension["prompt_positions"])
 
 
 def delta(before: dict, after: dict) -> dict:
@@ -167,18 +166,19 @@ def converse(client, model: str, turns: list[str], options: dict, max_tokens: in
         before = read_counters()
         answer, ttft, usage, latency = _stream(client, model, messages, options, max_tokens)
         d = delta(before, read_counters())
-        prev = rows[-1]["prompt_tokens"] if rows else None
+        prev = rows[-1]["positions"] if rows else None
+        positions = positions_read(usage)
         unchanged = None
         if layout is not None:
-            if layout.plan.llm_length != usage.prompt_tokens:  # the bench's plan must be the server's
+            if layout.plan.llm_length != positions:  # the bench's plan must be the server's
                 raise RuntimeError(f"turn {i}: planned {layout.plan.llm_length} positions, the server read "
-                                   f"{usage.prompt_tokens}")
+                                   f"{positions}")
             now = position_contents(layout)
             unchanged = unchanged_positions(contents, now) if contents is not None else None
             contents = now
             seen |= {tuple(c) for c in layout.chunks}
         rows.append({
-            "turn": i, "user_chars": len(user), "prompt_tokens": usage.prompt_tokens,
+            "turn": i, "user_chars": len(user), "sent_tokens": usage.prompt_tokens, "positions": positions,
             "completion_tokens": usage.completion_tokens, "ttft_s": ttft, "latency_s": latency,
             "prefix_hits": d["prefix_cache_hits"], "prefix_queries": d["prefix_cache_queries"],
             "hit_share": _ratio(d["prefix_cache_hits"], d["prefix_cache_queries"]),
@@ -237,7 +237,7 @@ def summarise(rows: list[dict]) -> dict:
         "prefix_hits": hits, "prefix_queries": queries, "hit_share": _ratio(hits, queries),
         "reused_of_previous_mean": float(np.mean(reused)) if reused else None,
         "chunks_encoded": encoded, "chunks_reused": sum(r["chunks_reused"] for r in rows),
-        "last_prompt_tokens": rows[-1]["prompt_tokens"],
+        "last_positions": rows[-1]["positions"],
         "unchanged": unchanged if measured else None,
         "hits_of_unchanged": _ratio(sum(r["prefix_hits"] for r in measured), unchanged) if measured else None,
         "distinct_chunks": rows[-1].get("distinct_chunks"),
@@ -246,23 +246,21 @@ def summarise(rows: list[dict]) -> dict:
 
 # -- the run --------------------------------------------------------------------------------------
 def run(model_dir: Path, texts, doc_chars: int, follow_ups: int, step_chars: int, growth_turns: int,
-        max_tokens: int, outdir: Path, dtype: str = "float32", scenarios=SCENARIOS) -> dict:
+        max_tokens: int, outdir: Path, dtype: str | None = None, scenarios=SCENARIOS) -> dict:
+    """dtype None: the server's own choice, as users run it (the README's command)."""
     import openai
 
     work = workload(held_out_text(texts), doc_chars, follow_ups, step_chars, growth_turns, scenarios)
     outdir = Path(outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
-    stats = outdir / "encoder-stats.json"
-    stats.unlink(missing_ok=True)  # a previous run's counters are not this server's
     res = {"model": str(model_dir), "machine": machine(), "command": " ".join(sys.argv),
            "settings": dict(doc_chars=doc_chars, follow_ups=follow_ups, step_chars=step_chars,
                             growth_turns=growth_turns, max_tokens=max_tokens, dtype=dtype,
                             texts=[str(t) for t in texts]),
            "rules": RULES, "conversations": []}
-    with VllmServer(model_dir, outdir / "vllm-serve.log", dtype=dtype,
-                    env={"EXTEMB_ENCODER_STATS": str(stats)}) as server:
+    with VllmServer(model_dir, outdir / "vllm-serve.log", dtype=dtype) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=1800, max_retries=0)
-        read, planner = server_counters(server.base_url, stats), chat_planner(model_dir)
+        read, planner = server_counters(server.base_url), chat_planner(model_dir)
         print("[bench chat] warm-up", file=sys.stderr)  # first-call costs stay out of the figures
         converse(client, server.model, [work["warm_up"]], RULES["fill"], max_tokens, read)
         for (scenario, rule), turns in work["chats"].items():
@@ -271,12 +269,15 @@ def run(model_dir: Path, texts, doc_chars: int, follow_ups: int, step_chars: int
                             planner=planner)
             res["conversations"].append({"scenario": scenario, "rule": rule, "turns": rows,
                                          "summary": summarise(rows)})
-    res["encoder_stats_written"] = stats.exists()
+        res["server"] = server_settings(server.log)
+        if not has_metric(server.base_url, ENCODER_COUNTERS["chunks_encoded"]):
+            raise RuntimeError(f"{server.base_url}/metrics has no extemb_ series: the server runs without "
+                               f"PROMETHEUS_MULTIPROC_DIR (see the README's serving command)")
     return res
 
 
 def _progress(row):
-    print(f"  turn {row['turn']}: {row['prompt_tokens']} positions, TTFT{_f(row['ttft_s'], '.2f', 6)} s, "
+    print(f"  turn {row['turn']}: {row['positions']} positions, TTFT{_f(row['ttft_s'], '.2f', 6)} s, "
           f"prefix hits {row['prefix_hits']:.0f} / {row['prefix_queries']:.0f}, "
           f"unchanged {row['unchanged']}, chunks encoded {row['chunks_encoded']} reused {row['chunks_reused']}",
           file=sys.stderr)
@@ -292,6 +293,7 @@ def format_table(res: dict) -> str:
     lines = [f"extemb bench chat: vllm serve --model {res['model']}; follow-ups: {s['doc_chars']}-char document "
              f"+ {s['follow_ups']} questions; growing: {s['growth_turns']} x {s['step_chars']} chars; "
              f"{s['max_tokens']} generated per turn; {res['machine']}",
+             f"server: the README's command ({res.get('server') or 'settings not logged'})",
              "hits / queries: prefix-cache tokens of the turn; of prev: hits / the previous turn's positions; "
              "unchanged: leading positions the previous turn had in the same place (of unch: hits / them); "
              "enc / store: chunks encoded / served from the plug-in's store",
@@ -300,7 +302,7 @@ def format_table(res: dict) -> str:
     for conv in res["conversations"]:
         for r in conv["turns"]:
             lines.append(
-                f"{conv['scenario']:<12}{conv['rule']:<8}{r['turn']:>5}{r['prompt_tokens']:>10}"
+                f"{conv['scenario']:<12}{conv['rule']:<8}{r['turn']:>5}{r['positions']:>10}"
                 f"{_f(r['ttft_s'], '.3f', 9)}{r['prefix_hits']:>8.0f}{r['prefix_queries']:>9.0f}"
                 f"{_f(_pct(r['hit_share']), '.1f', 7)}{_f(_pct(r['reused_of_previous']), '.1f', 11)}"
                 f"{_f(r.get('unchanged'), 'd', 10)}{_f(_pct(r.get('hits_of_unchanged')), '.1f', 10)}"
@@ -318,8 +320,6 @@ def format_table(res: dict) -> str:
             f"{_f(_pct(m['reused_of_previous_mean']), '.1f', 11)}{_f(_pct(m.get('hits_of_unchanged')), '.1f', 10)}"
             f"{m['chunks_encoded']:>6}{m['chunks_reused']:>7}"
             f"{_f(m.get('distinct_chunks'), 'd', 9)}")
-    if not res.get("encoder_stats_written", True):
-        lines.append("note: the server never wrote its encoder stats file: chunk counts are not measured (0)")
     return "\n".join(lines)
 
 

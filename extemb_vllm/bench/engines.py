@@ -30,17 +30,56 @@ def plain_llama_dir(model_dir: Path) -> Path:
     return out
 
 
-def make_engine(model, max_model_len=None, dtype="float32", **kw):
-    """A vLLM engine with the settings every benchmark shares (eager, seeded, stats on for TTFT)."""
+def make_engine(model, max_model_len=None, dtype="float32", eager=False, **kw):
+    """A vLLM engine with the settings every benchmark shares (seeded, stats on for TTFT); compiled
+    unless `eager`, as `vllm serve` runs without --enforce-eager."""
     # The engine runs in this process (no engine-core subprocess): its memory is ours to sample,
     # and engines can be started one after the other. Set here, not at import: importing a
     # benchmark module changes nothing for its importer.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("EXTEMB_KEEP_DTYPE", "1")  # the dtype given is what every engine runs (plug-in or not)
     from vllm import LLM
 
-    return LLM(model=str(model), max_model_len=max_model_len, enforce_eager=True, dtype=dtype, seed=0,
+    return LLM(model=str(model), max_model_len=max_model_len, enforce_eager=eager, dtype=dtype, seed=0,
                disable_log_stats=False, **kw)
+
+
+def serving_settings(dtype: str | None, eager: bool) -> dict:
+    """The settings a benchmark's engines run with, both sides alike: dtype None is what `vllm serve`
+    of the plug-in picks on this machine (bfloat16 on a CPU with native bf16, else float32; GPUs
+    bfloat16), eager or compiled, and the tcmalloc this process was started with."""
+    import torch
+
+    from ..vllm_plugin.cpu_settings import preloaded_tcmalloc, serving_dtype
+
+    if dtype is None:
+        dtype = str(serving_dtype() if not torch.cuda.is_available() else torch.bfloat16).removeprefix("torch.")
+    return {"dtype": dtype, "eager": eager, "tcmalloc": preloaded_tcmalloc()}
+
+
+def describe(settings: dict) -> str:
+    return (f"{settings['dtype']}, {'eager' if settings['eager'] else 'compiled'}, "
+            f"{'tcmalloc preloaded' if settings['tcmalloc'] else 'no tcmalloc'}")
+
+
+def preload_tcmalloc(wanted: bool = True) -> None:
+    """Run this command again with tcmalloc preloaded (or not, wanted=False) when it was not
+    started so, as the README's serving command runs vLLM: an engine in this process allocates
+    with what the process started with. Does nothing where tcmalloc is not installed."""
+    import sys
+
+    from ..vllm_plugin.cpu_settings import installed_tcmalloc, preloaded_tcmalloc
+
+    path, preloaded = installed_tcmalloc(), preloaded_tcmalloc()
+    if path is None or bool(preloaded) == wanted:
+        return
+    others = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and "libtcmalloc" not in p]
+    env = dict(os.environ, LD_PRELOAD=":".join([path, *others] if wanted else others))
+    print(f"[bench] running again with LD_PRELOAD={env['LD_PRELOAD'] or '(empty)'}"
+          f" ({'tcmalloc, as the README' if wanted else 'no tcmalloc, unlike the README'}'s serving command)",
+          file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def shutdown():

@@ -139,9 +139,10 @@ def run(model_dir: Path, servers: list[str], clients: int, duration_s: float, ma
     res = {"machine": machine(), "model": str(model_dir), "command": " ".join(sys.argv), "servers": {},
            "settings": dict(clients=clients, duration_s=duration_s, max_requests=max_requests,
                             long_tokens=long_tokens)}
-    # the same engine settings as the Ray app's LLM replica (examples/ray/extemb.yaml)
+    # the same engine settings as the Ray app's LLM replica (examples/ray/extemb.yaml; eager; the
+    # plug-in's dtype for this CPU; tcmalloc preloaded where installed, servers.py)
     make = {"vllm-serve": lambda: VllmServer(model_dir, outdir / "vllm-serve.log",
-                                             extra_args=("--max-num-seqs", "16")),
+                                             eager=True, extra_args=("--max-num-seqs", "16")),
             "ray-app": lambda: RayAppServer(model_dir, outdir / "ray-app")}
     for name in servers:
         print(f"[bench load] {name}: {clients} clients, at most {duration_s:g} s / {max_requests} requests",

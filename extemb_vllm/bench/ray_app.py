@@ -102,8 +102,10 @@ def run(model_dir: Path, workers: list[int], docs: int, doc_tokens: int, e2e_req
                                            str(max(2, 2 * r)), dtype, str(gpus_per_worker)]))
         print(f"  {res['embedder'][-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     prompts = long_prompts(model_dir, e2e_requests + concurrency, e2e_tokens)
+    # both servers alike: the plug-in's dtype for this CPU, eager (the Ray app's LLM replica is),
+    # tcmalloc preloaded where installed (servers.py)
     servers = {"vllm serve": lambda: VllmServer(model_dir, outdir / "vllm-serve.log",
-                                                extra_args=("--max-num-seqs", "16")),
+                                                eager=True, extra_args=("--max-num-seqs", "16")),
                "ray app": lambda: RayAppServer(model_dir, outdir / "ray-app")}
     for name, make in servers.items():
         print(f"[bench ray] end to end: {name}", file=sys.stderr)

@@ -3,7 +3,9 @@
 Workload: for each context length C, N requests, each a fresh document of C tokens
 plus a short question, G generated tokens (greedy, EOS ignored so every request
 makes G tokens). Engines, one after the other in this process, same base weights,
-same engine settings:
+same engine settings, by default those `vllm serve` runs with from the README's command:
+the dtype the plug-in picks on this CPU (bfloat16 with native bf16, else float32), compiled
+(not eager), tcmalloc preloaded where installed (the CLI starts itself again with it):
 
   plug-in    the ExtEmb model: old context compressed at k, the raw tail read as is
   full       plain vLLM, full attention over the whole prompt (only where C fits the base)
@@ -25,7 +27,7 @@ import numpy as np
 
 from ..machine import machine
 from ..model.config import ContextError, ExtEmbConfig, plan_compression
-from .engines import PeakMemory, make_engine, plain_llama_dir, shutdown
+from .engines import PeakMemory, describe, make_engine, plain_llama_dir, serving_settings, shutdown
 
 QUESTION = "\n\nQuestion: what is the document above about? Answer:"
 ENGINES = ("plug-in", "full", "truncated")
@@ -76,15 +78,17 @@ def _run_cell(llm, prompts, gen, doc_tokens):
 
 
 def _warm_up(llm, prompts, gen):
-    """One untimed batch shaped like the first cell (its own documents): first-call costs
-    (allocations, kernel selection) stay out of the figures."""
+    """Two untimed requests shaped like the first cell's (their own documents): first-call costs
+    (allocations, kernel selection, compilation) stay out of the figures."""
     from vllm import SamplingParams
 
-    llm.generate(prompts, SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True), use_tqdm=False)
 
 
 def run(model_dir="extemb-llama2", contexts=(2000, 4000, 8000, 16000, 32000, 64000), requests=4, gen=16, k=16,
-        raw_tail=None, engines=ENGINES, json_path=None, plot_path=None, progress=print, fill_window=None) -> dict:
+        raw_tail=None, engines=ENGINES, json_path=None, plot_path=None, progress=print, fill_window=None,
+        dtype=None, eager=False) -> dict:
+    """dtype None: the plug-in's choice for this CPU; the same dtype and eager/compiled for every engine."""
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -99,7 +103,8 @@ def run(model_dir="extemb-llama2", contexts=(2000, 4000, 8000, 16000, 32000, 640
               "generated_per_request": gen, "k_requested": k, "window": ext.window,
               "raw_tail": ext.raw_tail if raw_tail is None else raw_tail, "chunk_size": ext.chunk_size, "base_positions": max_pos,
               "fill_window": ext.fill_window if fill_window is None else fill_window,
-              "question_tokens": len(question), "cells": []}
+              "question_tokens": len(question), "settings": serving_settings(dtype, eager), "cells": []}
+    settings = result["settings"]
 
     def cells_for(engine, docs):
         for c in docs:
@@ -117,10 +122,11 @@ def run(model_dir="extemb-llama2", contexts=(2000, 4000, 8000, 16000, 32000, 640
                 yield c, None, [{"prompt_token_ids": p[-(ext.window - gen):]} for p in prompts]
 
     for engine in engines:
+        same = {"dtype": settings["dtype"], "eager": settings["eager"]}
         if engine == "plug-in":
-            llm = make_engine(model_dir, limit_mm_per_prompt={"context": 1})
+            llm = make_engine(model_dir, limit_mm_per_prompt={"context": 1}, **same)
         else:
-            llm = make_engine(plain_llama_dir(model_dir), max_model_len=max_pos)
+            llm = make_engine(plain_llama_dir(model_dir), max_model_len=max_pos, **same)
         _warm_up(llm, next(cells_for(engine, {contexts[0]: warm_docs}))[2], gen)
         for c, kc, prompts in cells_for(engine, docs):
             progress(f"[bench serve] {engine}: {requests} x {c} tokens" + (f", k={kc}" if kc else ""))
@@ -157,6 +163,8 @@ def format_table(result) -> str:
             f"{'>= ' if result.get('fill_window') else ''}{result['raw_tail']}"
             f"{' (window filled)' if result.get('fill_window') else ''}, chunks of {result['chunk_size']}; "
             f"{result['machine']}")
+    if "settings" in result:
+        head += f"\nevery engine: {describe(result['settings'])}"
     cols = (f"{'engine':<10}{'C':>7}{'k':>4}{'req/s':>9}{'doc tok/s':>11}{'gen tok/s':>10}{'TTFT p50':>10}"
             f"{'p99':>8}{'KV blk/req':>11}{'peak GiB':>9}{'x req/s':>9}{'x KV':>7}")
     lines = [head, f"full attention runs where C + question + generated <= the base's {result['base_positions']} "

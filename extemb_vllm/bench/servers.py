@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,10 +31,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def metric(base_url: str, name: str) -> float:
-    """A gauge or counter from a server's Prometheus /metrics, summed over its labels."""
-    text = urllib.request.urlopen(base_url + "/metrics", timeout=10).read().decode()
+def metrics_text(base_url: str) -> str:
+    return urllib.request.urlopen(base_url + "/metrics", timeout=10).read().decode()
+
+
+def metric(base_url: str, name: str, text: str | None = None) -> float:
+    """A gauge or counter from a server's Prometheus /metrics (or from `text`, one scrape of it),
+    summed over its labels; 0 where the server has no such series."""
+    text = metrics_text(base_url) if text is None else text
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
+def has_metric(base_url: str, name: str) -> bool:
+    return re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ", metrics_text(base_url), re.M) is not None
+
+
+def server_settings(log: Path) -> str | None:
+    """What the plug-in chose at start-up (dtype, tcmalloc): its "ExtEmb CPU settings" log line."""
+    found = re.findall(r"ExtEmb CPU settings: (.*)", Path(log).read_text(errors="replace"))
+    return found[-1].strip() if found else None
 
 
 def wait_until(pred, timeout_s: float = 60, every_s: float = 0.5) -> bool:
@@ -128,30 +144,31 @@ class Server:
         return False
 
 
-def readme_serve_settings(readme: Path = ROOT / "README.md") -> tuple[dict, list[str]]:
-    """(environment, flags) of the README's serving command, less `--model`: what `vllm serve` of
-    an ExtEmb model needs beyond the model, written once (the README says why for each), and the
-    benchmarks start what users are shown."""
-    words = readme_serve_command(readme).split()
-    at = words.index("vllm")
-    env = dict(w.split("=", 1) for w in words[:at])
-    flags = words[at + 2 :]
-    del flags[flags.index("--model") : flags.index("--model") + 2]
-    return env, flags
+def readme_serve_line(model_dir: Path | str, readme: Path = ROOT / "README.md") -> str:
+    """The README's serving command with another model: its environment (tcmalloc, the metrics
+    directory, ...) and flags as written there (the README says why for each), so the benchmarks
+    start what users are shown. A bash command line: the README's `$(...)` are bash's."""
+    command = readme_serve_command(readme)
+    if " --model extemb-llama2 " not in f"{command} ":
+        raise ValueError(f"the README's serving command does not name --model extemb-llama2: {command}")
+    return f"{command} ".replace(" --model extemb-llama2 ", f" --model {shlex.quote(str(model_dir))} ", 1).strip()
 
 
 class VllmServer(Server):
+    """`vllm serve` as the README starts it. `dtype` and `eager` depart from it (tests that compare
+    with a float32 reference); left out, the server runs as users run it."""
+
     name = "vllm serve"
 
-    def __init__(self, model_dir: Path, log: Path, port: int | None = None, dtype: str = "float32",
-                 api_key: str | None = None, extra_args: tuple[str, ...] = (), env: dict | None = None):
+    def __init__(self, model_dir: Path, log: Path, port: int | None = None, dtype: str | None = None,
+                 eager: bool = False, api_key: str | None = None, extra_args: tuple[str, ...] = (),
+                 env: dict | None = None):
         port = port or free_port()
-        readme_env, flags = readme_serve_settings()
-        cmd = [_bin("vllm"), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-               "--enforce-eager", "--dtype", dtype, *flags, *extra_args]
-        if api_key:
-            cmd += ["--api-key", api_key]
-        super().__init__(cmd, port, log, env={**readme_env, **(env or {})})
+        args = ["--host", "127.0.0.1", "--port", str(port), *(["--dtype", dtype] if dtype else []),
+                *(["--enforce-eager"] if eager else []), *(["--api-key", api_key] if api_key else []), *extra_args]
+        line = f"exec env {readme_serve_line(model_dir)} {shlex.join(args)}"
+        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # this environment's `vllm`
+        super().__init__(["bash", "-c", line], port, log, env={"PATH": path, **(env or {})})
         self.model = str(model_dir)
 
 
@@ -181,9 +198,13 @@ class RayAppServer(Server):
     def __init__(self, model_dir: Path, workdir: Path, port: int | None = None, **config_kw):
         port = port or free_port()
         config = ray_app_config(model_dir, port, Path(workdir), **config_kw)
-        # `serve run` starts a private local Ray runtime for this server, torn down with it
+        # `serve run` starts a private local Ray runtime for this server, torn down with it; its
+        # processes preload tcmalloc where installed, as the README's command does for `vllm serve`
+        from ..vllm_plugin.cpu_settings import installed_tcmalloc
+
+        tcmalloc = {"LD_PRELOAD": path} if (path := installed_tcmalloc()) else {}
         super().__init__([_bin("serve"), "run", str(config)], port, Path(workdir) / "serve.log",
-                         env={"RAY_USAGE_STATS_ENABLED": "0"})
+                         env={"RAY_USAGE_STATS_ENABLED": "0", **tcmalloc})
         self.model = Path(model_dir).name
 
 

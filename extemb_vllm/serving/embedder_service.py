@@ -30,7 +30,7 @@ from ray import serve
 from ..machine import default_device
 from ..model.checkpoint import load_embedder
 from ..model.embedder import chunk_key, weights_digest
-from . import wire
+from . import metrics, wire
 from .store import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class EmbedderWorker:
-    def __init__(self, model_dir: str, device: str | None = None, dtype: str = "float32",
+    def __init__(self, model_dir: str, device: str | None = None, dtype: str = "float32",  # or "auto"
                  max_batch_chunks: int = 16, store_bytes: int = 1 << 30, store_dir: str | None = None):
         self.device = default_device(device)
-        self.embedder, self.table, self.ext = load_embedder(model_dir, dtype=wire.DTYPES[dtype], device=self.device)
+        self.embedder, self.table, self.ext = load_embedder(model_dir, dtype=embedder_dtype(dtype, self.device),
+                                                            device=self.device)
         self.vocab = self.table.num_embeddings
         self.max_batch_chunks = max_batch_chunks
         self.store = ChunkStore(store_bytes, store_dir)
@@ -51,6 +52,7 @@ class EmbedderWorker:
         self.chunks_encoded = 0
         self.forward_calls = 0
         self.pid = os.getpid()
+        metrics.keep_reporting_cache_bytes(lambda: self.store.memory.bytes)
 
     async def encode(self, payload: bytes) -> bytes:
         try:
@@ -80,6 +82,7 @@ class EmbedderWorker:
                 else:
                     todo[key] = c
         items = list(todo.items())
+        cached = len(found)
         for b in range(0, len(items), self.max_batch_chunks):
             group = items[b : b + self.max_batch_chunks]
             # the forward runs in a thread: the replica keeps accepting (and batching) requests
@@ -88,6 +91,7 @@ class EmbedderWorker:
                 h = h.to("cpu")
                 self.store.put(key, h)
                 found[key] = h
+        metrics.record_chunks(encoded=len(items), cached=cached, cache_bytes=self.store.memory.bytes)
         return [wire.EncodeResult(ks, [wire.Tensor.from_torch(found[k]) for k in ks]) for ks in keys]
 
     @torch.no_grad()
@@ -95,13 +99,26 @@ class EmbedderWorker:
         self.forward_calls += 1
         self.chunks_encoded += len(chunks)
         ids = [torch.tensor(c, device=self.device) for c in chunks]
-        return self.embedder.encode_chunks(ids, self.table)
+        with metrics.embedder_forward():
+            return self.embedder.encode_chunks(ids, self.table)
 
     async def stats(self) -> dict:
         s = self.store.stats
-        return {"pid": self.pid, "actor_name": ray.get_runtime_context().get_actor_name(),
+        context = ray.get_runtime_context()
+        return {"pid": self.pid, "actor_name": context.get_actor_name(), "worker_id": context.get_worker_id(),
                 "chunks_encoded": self.chunks_encoded, "forward_calls": self.forward_calls,
-                "store_memory_hits": s.memory_hits, "store_disk_hits": s.disk_hits, "weights": self.weights}
+                "store_memory_hits": s.memory_hits, "store_disk_hits": s.disk_hits, "weights": self.weights,
+                "store_bytes": self.store.memory.bytes}
+
+
+def embedder_dtype(name: str, device) -> torch.dtype:
+    """A dtype by name; "auto": what `vllm serve` of the plug-in picks (on CPU bfloat16 where the
+    CPU has native bf16, else float32; bfloat16 on GPUs)."""
+    if name != "auto":
+        return wire.DTYPES[name]
+    from ..vllm_plugin.cpu_settings import serving_dtype
+
+    return serving_dtype() if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 class EmbedderError(RuntimeError):

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import uuid
 
+import msgspec
 import torch
 from ray import serve
 
 from ..model import ExtEmbConfig, compact_rows, plan_request
 from ..model.checkpoint import read_extemb_config
-from . import wire
+from ..usage import prompt_layout
+from . import metrics, wire
 from .embedder_service import EmbedderClient, EmbedderWorker
 
 
@@ -161,39 +163,42 @@ class ExtEmbRouter:
         self.llm = llm
 
     async def _payload(self, prompt_token_ids, context_token_ids=None, k=None, raw_tail=None, reserve=None,
-                       fill_window=None, append_stable=None, **sampling) -> bytes:
+                       fill_window=None, append_stable=None, **sampling) -> tuple[bytes, dict]:
         """The same layout as the in-engine plug-in (`plan_request`), with the embedder running
-        in its own pool."""
+        in its own pool; and the figures of that layout a response's usage reports."""
         options = {"k": k, "raw_tail": raw_tail, "reserve": reserve, "fill_window": fill_window,
                    "append_stable": append_stable}
         layout = plan_request(context_token_ids or [], prompt_token_ids, options, self.ext,
                               self.tokenizer.bos_token_id)
         context = None
         if layout.plan.k is not None:
+            metrics.record_layout(layout.plan)
             hidden = await self.embedder.aencode(layout.chunks)
             context = wire.Tensor.from_torch(torch.cat(compact_rows(hidden, layout.plan.k)))
-        return wire.encode(wire.GenerateRequest(layout.raw_ids, context, layout.reserve, **sampling))
+        payload = wire.encode(wire.GenerateRequest(layout.raw_ids, context, layout.reserve, **sampling))
+        return payload, prompt_layout(len(layout.ids), layout.plan)
 
     async def generate(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
                        **options) -> wire.GenerateResult:
         """options: k, raw_tail, reserve, fill_window, append_stable, and wire.GenerateRequest's sampling fields
         (`sampling`: vLLM SamplingParams made by the ingress from an OpenAI request)."""
-        reply = await self.llm.generate.remote(await self._payload(prompt_token_ids, context_token_ids, **options))
-        return wire.decode_reply(reply, wire.GenerateResult)
+        payload, layout = await self._payload(prompt_token_ids, context_token_ids, **options)
+        reply = await self.llm.generate.remote(payload)
+        return msgspec.structs.replace(wire.decode_reply(reply, wire.GenerateResult), layout=layout)
 
     async def llm_stats(self) -> dict:
         return await self.llm.stats.remote()
 
     async def generate_stream(self, prompt_token_ids: list[int], context_token_ids: list[int] | None = None,
                               **options):
-        payload = await self._payload(prompt_token_ids, context_token_ids, **options)
+        payload, layout = await self._payload(prompt_token_ids, context_token_ids, **options)
         finished, n_choices = set(), 1
         async for reply in self.llm.options(stream=True).generate_stream.remote(payload):
             delta = wire.decode_reply(reply, wire.GenerateDelta)
             n_choices = delta.n_choices
             if delta.finish_reason is not None:
                 finished.add(delta.index)
-            yield delta
+            yield msgspec.structs.replace(delta, layout=layout)
         if len(finished) < n_choices:  # a replica that died can end the stream quietly: never pass that off as done
             raise LLMStreamError("the LLM replica's stream ended before the answer was finished")
 
@@ -202,7 +207,8 @@ def build_app(args: dict) -> serve.Application:
     """Serve config entry point (`import_path: extemb_vllm.serving.llm_service:build_app`):
     the OpenAI-compatible ingress over the router, the embedder pool and the LLM pool.
 
-    args: model_dir (default extemb-llama2), embedder_dtype, llm_dtype, store_dir (disk tier
+    args: model_dir (default extemb-llama2), embedder_dtype and llm_dtype (default "auto": the CPU
+    rule of `vllm serve`, vllm_plugin/cpu_settings.py), store_dir (disk tier
     of the embedder workers' store), contexts_dir (registered documents), api_keys, and
     engine_kwargs for vLLM (e.g. max_num_seqs). Replica counts and resources belong to the
     config's `deployments:` section, so each pool scales on its own.
@@ -210,8 +216,9 @@ def build_app(args: dict) -> serve.Application:
     from .openai_ingress import OpenAIIngress
 
     model_dir = str(args.get("model_dir", "extemb-llama2"))
-    embedder = EmbedderWorker.bind(model_dir, dtype=args.get("embedder_dtype", "float32"),
+    # "auto": as `vllm serve` of the plug-in picks (bfloat16 on CPUs with native bf16, else float32)
+    embedder = EmbedderWorker.bind(model_dir, dtype=args.get("embedder_dtype", "auto"),
                                    store_dir=args.get("store_dir"))
-    llm = LLMWorker.bind(model_dir, dtype=args.get("llm_dtype", "float32"), **args.get("engine_kwargs", {}))
+    llm = LLMWorker.bind(model_dir, dtype=args.get("llm_dtype", "auto"), **args.get("engine_kwargs", {}))
     router = ExtEmbRouter.bind(model_dir, embedder, llm)
     return OpenAIIngress.bind(model_dir, router, store_dir=args.get("contexts_dir"), api_keys=args.get("api_keys"))

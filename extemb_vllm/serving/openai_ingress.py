@@ -18,7 +18,9 @@ Errors follow OpenAI's shape, `{"error": {"message", "type", "code"}}`: 400 for 
 input (with the reason, unknown fields included), 401 for a missing or wrong key, 404 for
 an unknown document, 503 when a replica failed under the request (retry it); a stream that
 fails after its first chunk ends with an error event. `GET /health`, and `GET /metrics`
-(Prometheus text) with the requests an LLM replica still holds.
+(Prometheus text) with the requests an LLM replica still holds; the plug-in's series
+(`extemb_vllm/metrics.py`) go through Ray's metrics (`serving/metrics.py`). `usage` is told as
+over `vllm serve`: the tokens sent in `prompt_tokens`, what the LLM read in `usage.extemb`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ray import serve
 from ..model.checkpoint import read_extemb_config
 from ..model.config import LAYOUT_OPTIONS, ContextError, layout_options
 from ..openai_requests import check_request, request_fields
+from ..usage import usage
 from . import wire
 from .documents import DocumentRegistry, RegistryFull, UnknownDocument
 
@@ -64,10 +67,10 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-def _usage(prompt_positions: int, completion_tokens: int) -> dict:
-    # prompt_tokens counts the positions the LLM read (compact slots + raw), as `vllm serve` does
-    return {"prompt_tokens": prompt_positions, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_positions + completion_tokens}
+def _usage(layout: dict, completion_tokens: int) -> dict:
+    # as over `vllm serve` (its middleware): prompt_tokens = the tokens sent (a registered
+    # document's included), what the LLM read in usage.extemb (extemb_vllm/usage.py)
+    return usage([layout], completion_tokens)
 
 
 def _failure(e: Exception) -> HTTPError:
@@ -221,7 +224,7 @@ class OpenAIIngress:
             generated = sum(len(c.token_ids) for c in out.choices)
             return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                                  "created": created, "model": self.model_name, "choices": choices,
-                                 "usage": _usage(out.prompt_positions, generated)})
+                                 "usage": _usage(out.layout, generated)})
 
         gen = self.router.options(stream=True).generate_stream.remote(prompt_ids, context, **opts)
         # pull the first delta before answering, so a bad request still gets its 400
@@ -261,10 +264,10 @@ class OpenAIIngress:
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             if req.stream_options and req.stream_options.include_usage:
-                usage = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                final = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": created, "model": self.model_name, "choices": [],
-                         "usage": _usage(delta.prompt_positions, generated)}
-                yield f"data: {json.dumps(usage)}\n\n"
+                         "usage": _usage(delta.layout, generated)}
+                yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -149,6 +149,7 @@ class GenerateResult(msgspec.Struct, frozen=True):
     logprobs: list[float] | None = None
     choices: list[Choice] = []  # all n choices
     cached_positions: int = 0  # of prompt_positions, served by the replica's prefix cache
+    layout: dict[str, int | None] | None = None  # usage.prompt_layout of the request (set by the router)
 
 
 class GenerateDelta(msgspec.Struct, frozen=True):
@@ -162,6 +163,7 @@ class GenerateDelta(msgspec.Struct, frozen=True):
     n_choices: int = 1  # the stream is complete once this many choices have finished
     stop_reason: int | str | None = None
     logprobs: list[list[TokenLogprob]] | None = None
+    layout: dict[str, int | None] | None = None  # usage.prompt_layout of the request (set by the router)
 
 
 class ErrorReply(msgspec.Struct, frozen=True):

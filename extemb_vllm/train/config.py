@@ -19,8 +19,10 @@ class TrainConfig:
     k_ladder: list[int] = field(default_factory=lambda: list(ExtEmbConfig.k_ladder))  # the served ladder
     steps: int = 100
     cpu_minutes: float = 0.0  # stop once the steps have used this much CPU time per thread (0: no limit)
-    accum: int = 2
+    minutes: float = 0.0  # stop once the steps have run this long, wall clock (0: no limit): a lent GPU's time
+    accum: int = 2  # samples per optimiser step on each rank (the global batch: accum x ranks)
     lr: float = 2e-4
+    lr_batch: int = 0  # the global batch at which `lr` is the rate; others scale it by sqrt (0: accum)
     warmup: int = 10
     weight_decay: float = 0.0
     clip: float = 1.0
@@ -29,7 +31,7 @@ class TrainConfig:
     eval_ks: list[int] = field(default_factory=lambda: [8, 32])
     save_every: int = 25
     device: str | None = None
-    grad_ckpt: bool | None = None  # default: on CUDA
+    grad_ckpt: bool | None = None  # recompute the embedder's and the frozen LLM's layers; default: on CUDA
     bf16: bool | None = None  # bf16 autocast and a bf16 frozen LLM; default: on CUDA
     seed: int = 0
     window_align: int = 0  # training windows start at multiples of this (0: the chunk length; 1: anywhere)

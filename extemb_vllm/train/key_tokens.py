@@ -19,6 +19,7 @@ two forward passes.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ class GainCache:
         self.misses += 1
         full, alone = frozen_logprobs(model, ids, self.chunk_len)
         gain = (full - alone).float()
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # ranks that miss the same window write apart
         np.save(tmp, gain.cpu().numpy().astype(np.float16))
         tmp.replace(path)
         return gain

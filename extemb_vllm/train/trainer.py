@@ -1,12 +1,16 @@
 """`extemb train`: train the embedder with the two-stream objective; the LLM stays frozen.
 
-One command on CPU and CUDA (bf16 autocast + gradient checkpointing on CUDA, fp32
-on CPU unless --bf16: worth it only on CPUs with bf16 instructions, AVX-512-BF16/AMX), gradient accumulation, checkpoints with --resume, a JSON-lines log, a
-loss-curve PNG and held-out evaluation every N steps, and optionally an exponential
-moving average of the embedder's weights (--ema), evaluated and saved beside the live
-ones: with one sample per update the live weights jitter. The instruction-tuning
-stage is the same command on another data path, started from the first stage's
-embedder (--init-embedder).
+One command on CPU and CUDA (bf16 autocast and gradient checkpointing of the embedder's and the
+frozen LLM's layers on CUDA, fp32 on CPU unless --bf16: worth it only on CPUs with bf16
+instructions, AVX-512-BF16/AMX), gradient accumulation, checkpoints with --resume, a JSON-lines
+log, a loss-curve PNG and held-out evaluation every N steps, and optionally an exponential
+moving average of the embedder's weights (--ema), evaluated and saved beside the live ones:
+with one sample per update the live weights jitter. The instruction-tuning stage is the same
+command on another data path, started from the first stage's embedder (--init-embedder).
+
+The loop below is the same whoever runs it: one process, a torchrun rank or a Ray Train worker
+(`distributed.Team`, train/ray_train.py); what a step does is train/step.py, what a text
+sample's loss is `TextObjective`. Rank 0 keeps the books (log, evaluation, checkpoints).
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..machine import default_device, machine
+from ..machine import machine
 from ..model.checkpoint import load_embedder_weights, load_model, save_embedder_weights
+from . import distributed
 from .config import TrainConfig
 from .data import WindowSampler, split_documents, tokenize_cached
+from .distributed import Team
 from .key_tokens import GainCache, frozen_logprobs, key_weights
-from .recall import RecallMaker, answer_weights
+from .recall import RecallMaker
+from .step import SampleStream, Step, compute_plan
 from .two_stream import compact_slots, teacher_topk, two_stream_forward
 
 EMA_WEIGHTS = "embedder-ema.safetensors"  # the moving average of the weights, beside embedder.safetensors
@@ -48,12 +55,14 @@ def parent_record(init_embedder: str | None) -> dict | None:
     return rec
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    out = Path(cfg.out)
+def train(cfg: TrainConfig, resume: bool = False, team: Team | None = None, run_dir: str | Path | None = None) -> Path:
+    """Train the embedder; `team` says who runs the steps (default: a torchrun rank when torchrun started
+    this process, else this process alone), `run_dir` where this process keeps the run (default cfg.out)."""
+    team = team or distributed.from_environment(cfg.device)
+    out = Path(run_dir or cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = default_device(cfg.device)
-    cuda = device.type == "cuda"
-    bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
+    compute = compute_plan(cfg, team.device)
+    device, bf16 = compute.device, compute.bf16
     if bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # measured on an AVX2-only EPYC: a bf16 matmul ran 4x slower than fp32 (emulated)
         print(f"[extemb] warning: --bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) "
@@ -66,19 +75,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model.embedder.float()
     if cfg.init_embedder:
         load_embedder_weights(model.embedder, cfg.init_embedder)
-    if cfg.grad_ckpt if cfg.grad_ckpt is not None else cuda:
-        # the embedder only: the frozen LLM runs in eval mode (where HF checkpointing is off)
-        # and the two-stream pass needs its key/value cache, which checkpointing drops
+    if compute.checkpoint:  # the frozen LLM's layers: two_stream_forward(checkpoint=True)
         model.embedder.body.gradient_checkpointing_enable()
     model.embedder.train()
 
-    docs = tokenize_cached(cfg.data, tok, cfg.cache_dir)
-    held = tokenize_cached(cfg.heldout, tok, cfg.cache_dir) if cfg.heldout else None
+    with team.rank0_first():  # rank 0 fills the token cache, the others read it
+        docs = tokenize_cached(cfg.data, tok, cfg.cache_dir)
+        held = tokenize_cached(cfg.heldout, tok, cfg.cache_dir) if cfg.heldout else None
     train_docs, held_docs = split_documents(docs, held)
-    sampler = WindowSampler(train_docs, cfg.sample_len, seed=cfg.seed, align=cfg.window_align or cfg.chunk_len)
+    stream = SampleStream(cfg, train_docs, tok)
     eval_set = WindowSampler(held_docs, cfg.sample_len).fixed(cfg.eval_samples) if held_docs else []
-    k_rng = np.random.default_rng(cfg.seed + 1)
-    recall_maker = RecallMaker(tok, cfg.chunk_len, seed=cfg.seed + 2)
     if cfg.recall and eval_set:  # held-out recall: the same texts with facts planted (fixed seed)
         held_maker = RecallMaker(tok, cfg.chunk_len, seed=4321)
         eval_recall = [held_maker.make(ids) for ids in eval_set]
@@ -87,109 +93,103 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     gains = GainCache(cfg.cache_dir, model, cfg.chunk_len, model.llm.dtype) \
         if cfg.key_weight or cfg.content_margin else None
-    objective = TextObjective(cfg, gains)
-
-    params = [p for p in model.embedder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = None
-    if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(model.embedder,
-                                                  multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    objective = TextObjective(cfg, gains, checkpoint=compute.checkpoint)
+    stepper = Step(cfg, model, objective, team, compute)  # AdamW, its schedule, the moving average (rank 0)
     step = samples = 0
     busy_minutes = 0.0  # CPU time per thread of the steps so far (the --cpu-minutes budget)
+    wall_minutes = 0.0  # wall time of the steps this session (the --minutes budget)
     state_file = out / "train-state.pt"
     if resume and state_file.exists():
         load_embedder_weights(model.embedder, out / "embedder.safetensors")
         state = torch.load(state_file, weights_only=True)  # our own file: tensors and numbers only
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        if "optimizer" not in state:
+            raise ValueError(f"{state_file} holds no optimiser state (a run brought back from a lent GPU): "
+                             "start a new run from its weights with --init-embedder")
+        stepper.opt.load_state_dict(state["optimizer"])
+        stepper.sched.load_state_dict(state["scheduler"])
+        stepper.follow_lr()
         step = int(state["step"])
-        rngs = json.loads((out / "rng.json").read_text())
-        sampler.rng.bit_generator.state = rngs["sampler"]
-        k_rng.bit_generator.state = rngs["k"]
-        if "recall" in rngs:
-            recall_maker.rng.bit_generator.state = rngs["recall"]
-        samples = _rewind_log(out / "log.jsonl", step, state.get("samples"))
+        stream.restore(json.loads((out / "rng.json").read_text()))
+        samples = _rewind_log(out / "log.jsonl", step, state.get("samples")) if team.chief \
+            else int(state.get("samples", 0))
         busy_minutes = float(state.get("busy_minutes", 0.0))
-        if ema is not None and (out / EMA_WEIGHTS).exists():  # else the average starts here
-            load_embedder_weights(ema.module, out / EMA_WEIGHTS)
-            ema.n_averaged.fill_(int(state.get("ema_updates", 1)))
-        print(f"[extemb] resumed {out} at step {step} ({samples} samples)")
-    elif not resume:
-        (out / "log.jsonl").unlink(missing_ok=True)
-    if step == 0:  # recorded now: exporting this run may later overwrite the file it started from
-        (out / INIT_RECORD).write_text(json.dumps(parent_record(cfg.init_embedder), indent=2) + "\n")
-    (out / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        if stepper.ema is not None and (out / EMA_WEIGHTS).exists():  # else the average starts here
+            load_embedder_weights(stepper.ema.module, out / EMA_WEIGHTS)
+            stepper.ema.n_averaged.fill_(int(state.get("ema_updates", 1)))
+        print(f"[extemb] rank {team.rank}: resumed {out} at step {step} ({samples} samples)")
+    members = team.members()
 
-    log = open(out / "log.jsonl", "a")
-    # where and how each stretch of the run ran (a run resumes across sessions and machines,
-    # and settings such as --accum may change between stretches)
-    _log(log, {"step": step, "samples": samples, "kind": "session", "machine": machine(),
-               "device": str(device), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": asdict(cfg)})
-    if step == 0 and eval_set:
-        refs = reference_losses(model, eval_set, cfg.chunk_len, bf16)
-        _log(log, {"step": 0, "samples": 0, "kind": "reference", **refs})
-        _log(log, {"step": 0, "samples": 0, "kind": "eval",
-                   **_evaluate_both(model, ema, eval_set, eval_recall, cfg, bf16)})
+    log = None
+    if team.chief:  # rank 0 keeps the books: the log, the evaluations, the checkpoints
+        if not resume:
+            (out / "log.jsonl").unlink(missing_ok=True)
+        if step == 0:  # recorded now: exporting this run may later overwrite the file it started from
+            (out / INIT_RECORD).write_text(json.dumps(parent_record(cfg.init_embedder), indent=2) + "\n")
+        (out / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        log = open(out / "log.jsonl", "a")
+        # where and how each stretch of the run ran (a run resumes across sessions and machines,
+        # and settings such as --accum or the number of ranks may change between stretches)
+        _log(log, {"step": step, "samples": samples, "kind": "session", "machine": machine(),
+                   "device": str(device), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": asdict(cfg),
+                   "runner": team.runner, "world": team.world, "backend": team.backend, "ranks": members,
+                   "global_batch": stepper.global_batch, "lr": stepper.lr,
+                   "compute": {**asdict(compute), "device": str(device)}})
+        print(f"[extemb] {team.runner}: {team.world} rank(s) x {cfg.accum} samples = global batch "
+              f"{stepper.global_batch}; lr {stepper.lr:.3g} (--lr {cfg.lr:g} at a batch of "
+              f"{cfg.lr_batch or cfg.accum}, square-root rule)")
+        if step == 0 and eval_set:
+            refs = reference_losses(model, eval_set, cfg.chunk_len, bf16)
+            _log(log, {"step": 0, "samples": 0, "kind": "reference", **refs})
+            _log(log, {"step": 0, "samples": 0, "kind": "eval",
+                       **_evaluate_both(model, stepper.ema, eval_set, eval_recall, cfg, bf16)})
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="training embedder", unit="step")
-    while step < cfg.steps and not (cfg.cpu_minutes and busy_minutes >= cfg.cpu_minutes):
+    bar = tqdm(total=cfg.steps, initial=step, desc="training embedder", unit="step", disable=not team.chief)
+    while step < cfg.steps and not _over_budget(cfg, busy_minutes, wall_minutes):
         t0, cpu0 = time.perf_counter(), time.process_time()
-        losses, ks, kinds = [], [], []
-        for _ in range(cfg.accum):
-            ids = sampler.sample().to(device)
-            # the draw is made for every sample, so the text and k streams stay the same whatever cfg.recall is
-            made = recall_maker.make(ids.cpu()) if recall_maker.rng.random() < cfg.recall else None
-            k = int(k_rng.choice(cfg.k_ladder))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                if made is not None:
-                    ids = made.ids.to(device)
-                    loss = two_stream_forward(model, ids, k, cfg.chunk_len, row_len=cfg.raw_rows or None,
-                                              token_weight=answer_weights(made.answer, cfg.recall_answer_share)
-                                              .to(device))
-                else:
-                    loss = objective.loss(model, ids, k)
-            (loss / cfg.accum).backward()
-            losses.append(loss.item())
-            ks.append(k)
-            kinds.append("text" if made is None else "recall")
-        samples += cfg.accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update_parameters(model.embedder)
+        draws = [stream.draw() for _ in range(stepper.global_batch)]  # every rank draws the whole step
+        losses, grad_norm = stepper.run(team.share(draws))
+        losses = team.gather(losses)  # every sample's loss, in the stream's order
+        samples += stepper.global_batch
         step += 1
-        dt = time.perf_counter() - t0
         # the process's CPU time per thread: what the step cost the machine, without the time a
-        # SIGSTOP pause (another job on the cores) adds to its wall time
-        busy = (time.process_time() - cpu0) / torch.get_num_threads()
+        # SIGSTOP pause (another job on the cores) adds to its wall time; the slowest rank's
+        busy = team.slowest((time.process_time() - cpu0) / torch.get_num_threads())
+        dt = team.slowest(time.perf_counter() - t0)
         busy_minutes += busy / 60
-        last = step == cfg.steps or bool(cfg.cpu_minutes and busy_minutes >= cfg.cpu_minutes)
-        rec = {"step": step, "samples": samples, "kind": "train", "loss": float(np.mean(losses)),
-               "ks": ks, "sample_kinds": kinds, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": cfg.accum * cfg.sample_len / dt, "step_seconds": dt, "busy_seconds": busy,
-               "busy_minutes": busy_minutes}
-        if gains is not None:
-            rec.update(gain_cache_hits=gains.hits, gain_cache_misses=gains.misses)
-        _log(log, rec)
-        bar.update()
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if eval_set and (step % cfg.eval_every == 0 or last):
-            ev = _evaluate_both(model, ema, eval_set, eval_recall, cfg, bf16)
-            _log(log, {"step": step, "samples": samples, "kind": "eval", **ev})
-            bar.write(f"step {step}: held-out loss " + "; ".join(
-                f"{name} " + ", ".join(f"k={k} {v:.4f}" for k, v in ev[key].items())
-                for name, key in (("live", "loss_by_k"), ("ema", "ema_loss_by_k")) if key in ev))
+        wall_minutes += dt / 60
+        last = step == cfg.steps or _over_budget(cfg, busy_minutes, wall_minutes)
+        if team.chief:
+            rec = {"step": step, "samples": samples, "kind": "train", "loss": float(np.mean(losses)),
+                   "ks": [d.k for d in draws], "sample_kinds": [d.kind for d in draws], "grad_norm": grad_norm,
+                   "lr": stepper.sched.get_last_lr()[0], "global_batch": stepper.global_batch,
+                   "tokens_per_s": stepper.global_batch * cfg.sample_len / dt, "step_seconds": dt,
+                   "busy_seconds": busy, "busy_minutes": busy_minutes}
+            if gains is not None:  # rank 0's own cache lookups
+                rec.update(gain_cache_hits=gains.hits, gain_cache_misses=gains.misses)
+            _log(log, rec)
+            bar.update()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if eval_set and (step % cfg.eval_every == 0 or last):
+                ev = _evaluate_both(model, stepper.ema, eval_set, eval_recall, cfg, bf16)
+                _log(log, {"step": step, "samples": samples, "kind": "eval", **ev})
+                bar.write(f"step {step}: held-out loss " + "; ".join(
+                    f"{name} " + ", ".join(f"k={k} {v:.4f}" for k, v in ev[key].items())
+                    for name, key in (("live", "loss_by_k"), ("ema", "ema_loss_by_k")) if key in ev))
         if step % cfg.save_every == 0 or last:
-            _save(model, opt, sched, step, samples, {"sampler": sampler.rng, "k": k_rng, "recall": recall_maker.rng},
-                  out, ema, busy_minutes)
-            plot_curves(out / "log.jsonl", out / "loss.png")
+            if team.chief:
+                _save(model, stepper.opt, stepper.sched, step, samples, stream.rngs(), out, stepper.ema,
+                      busy_minutes)
+                plot_curves(out / "log.jsonl", out / "loss.png")
+            team.checkpointed(out, {"step": step, "samples": samples, "loss": float(np.mean(losses))})
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
+    team.close()
     return out
+
+
+def _over_budget(cfg: TrainConfig, busy_minutes: float, wall_minutes: float) -> bool:
+    return bool((cfg.cpu_minutes and busy_minutes >= cfg.cpu_minutes) or (cfg.minutes and wall_minutes >= cfg.minutes))
 
 
 class TextObjective:
@@ -198,8 +198,8 @@ class TextObjective:
     sample's slots (`content_margin`); rows cut to `raw_rows`. One place for what a step optimises,
     whoever runs the step."""
 
-    def __init__(self, cfg: TrainConfig, gains: GainCache | None):
-        self.cfg, self.gains = cfg, gains
+    def __init__(self, cfg: TrainConfig, gains: GainCache | None, checkpoint: bool = False):
+        self.cfg, self.gains, self.checkpoint = cfg, gains, checkpoint  # checkpoint: the frozen LLM's layers
         self.previous: torch.Tensor | None = None  # the last text sample: the content margin's wrong document
 
     def loss(self, model, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -221,7 +221,7 @@ class TextObjective:
         self.previous = ids
         teacher = teacher_topk(model, ids, c, cfg.distill_top) if cfg.distill else None
         return two_stream_forward(model, ids, k, c, teacher=teacher, distill=cfg.distill, token_weight=weight,
-                                  row_len=rows, hinge=hinge)
+                                  row_len=rows, hinge=hinge, checkpoint=self.checkpoint)
 
 
 def _save(model, opt, sched, step, samples, rngs: dict, out: Path, ema=None, busy_minutes: float = 0.0):

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from transformers import DynamicCache
 
 from ..model.embedder import keep_positions
@@ -86,7 +87,7 @@ def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_
                        teacher: tuple[torch.Tensor, torch.Tensor] | None = None, distill: float = 0.0,
                        token_weight: torch.Tensor | None = None, row_len: int | None = None,
                        compact: torch.Tensor | None = None,
-                       hinge: tuple[torch.Tensor, torch.Tensor] | None = None):
+                       hinge: tuple[torch.Tensor, torch.Tensor] | None = None, checkpoint: bool = False):
     """Mean next-token loss over chunks 1.. of one sample (1-D ids, a multiple of chunk_len long).
 
     `model` is an ExtEmbReference; gradients reach only its embedder (the
@@ -99,6 +100,8 @@ def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_
     `compact` (from `compact_slots`) is read in place of the slots of `ids`' own chunks: another
     document's, for the content margin. `hinge = (floor, weight)`, like the targets, adds
     `sum(weight * max(0, floor - logprob))` (`linear_cross_entropy`).
+    `checkpoint` recomputes each layer of the frozen LLM in the backward pass instead of keeping
+    its activations (`_checkpointed_streams`; the same loss and gradients).
     """
     n = ids.numel() // chunk_len
     if n < 2 or ids.numel() != n * chunk_len:
@@ -116,22 +119,26 @@ def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_
     if compact.shape[0] != (n - 1) * lay.slots:
         raise ValueError(f"compact has {compact.shape[0]} slots, the layout {(n - 1) * lay.slots}")
     llm = model.llm.model
-    # stream 2a: the compact slots, causal, once; keep their keys/values for every chunk
-    cache = DynamicCache(config=llm.config)
-    out_c = llm(inputs_embeds=compact[None], position_ids=lay.compact_positions[None],
-                past_key_values=cache, use_cache=True)
-    # stream 2b: every raw chunk but the first as one row, reading the slots of the chunks before it
-    if slot_attention_available(ids.device):  # CPU: only the blocks that are read (slot_attention.py)
-        slots = CompactSlots([x.keys for x in cache.layers], [x.values for x in cache.layers], lay.slots)
-        with slot_attention(model.llm):
-            out_r = llm(inputs_embeds=raw, position_ids=lay.raw_positions, use_cache=False, compact_slots=slots)
-    else:  # the slots' keys/values repeated per row, read through each row's block of the mask
-        cache.batch_repeat_interleave(n - 1)
-        out_r = llm(inputs_embeds=raw, attention_mask=lay.raw_mask[:, None], position_ids=lay.raw_positions,
-                    past_key_values=cache, use_cache=True)
+    if checkpoint:
+        h_c, h_r = _checkpointed_streams(model.llm, compact, raw, lay)
+    else:
+        # stream 2a: the compact slots, causal, once; keep their keys/values for every chunk
+        cache = DynamicCache(config=llm.config)
+        h_c = llm(inputs_embeds=compact[None], position_ids=lay.compact_positions[None],
+                  past_key_values=cache, use_cache=True).last_hidden_state
+        # stream 2b: every raw chunk but the first as one row, reading the slots of the chunks before it
+        if slot_attention_available(ids.device):  # CPU: only the blocks that are read (slot_attention.py)
+            slots = CompactSlots([x.keys for x in cache.layers], [x.values for x in cache.layers], lay.slots)
+            with slot_attention(model.llm):
+                h_r = llm(inputs_embeds=raw, position_ids=lay.raw_positions, use_cache=False,
+                          compact_slots=slots).last_hidden_state
+        else:  # the slots' keys/values repeated per row, read through each row's block of the mask
+            cache.batch_repeat_interleave(n - 1)
+            h_r = llm(inputs_embeds=raw, attention_mask=lay.raw_mask[:, None], position_ids=lay.raw_positions,
+                      past_key_values=cache, use_cache=True).last_hidden_state
     m = lay.slots
     # the states that predict chunk i's tokens: the last slot of C_{i-1}, then raw tokens 0..r-2 of R_i
-    h = torch.cat([out_c.last_hidden_state[0, m - 1 :: m, None], out_r.last_hidden_state[:, :-1]], dim=1)
+    h = torch.cat([h_c[0, m - 1 :: m, None], h_r[:, :-1]], dim=1)
     loss, logprobs = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.llm.lm_head.weight, ids[lay.target_at],
                                           teacher=teacher, distill=distill,
                                           row_weight=None if token_weight is None else token_weight[lay.target_at],
@@ -139,6 +146,41 @@ def two_stream_forward(model, ids: torch.Tensor, k: int, chunk_len: int, return_
     if not return_logprobs:
         return loss
     return loss, logprobs, lay
+
+
+def _checkpointed_streams(causal_lm, compact: torch.Tensor, raw: torch.Tensor, lay: TwoStreamLayout):
+    """Streams 2a and 2b as above, layer by layer, each layer's pair recomputed in the backward pass:
+    what is kept is each layer's input (slots and rows), not its attention and MLP activations.
+    The slots' keys/values are made inside the layer's function, so a recomputation makes them
+    again instead of appending to a cache a second time (why transformers' own checkpointing turns
+    caching off, and why it cannot serve here). The gradient still reaches the slots, and through
+    them the embedder: the recomputed graph starts from the slots' hidden states."""
+    llm = causal_lm.model
+    h_c, h_r = compact[None], raw
+    rope_c = llm.rotary_emb(h_c, position_ids=lay.compact_positions[None])
+    rope_r = llm.rotary_emb(h_r, position_ids=lay.raw_positions)
+    kernel = slot_attention_available(raw.device)
+    for layer in llm.layers[: llm.config.num_hidden_layers]:
+        h_c, h_r = torch.utils.checkpoint.checkpoint(_layer_pair, causal_lm, layer, h_c, h_r, rope_c, rope_r, lay,
+                                                     kernel, use_reentrant=False)
+    return llm.norm(h_c), llm.norm(h_r)
+
+
+def _layer_pair(causal_lm, layer, h_c, h_r, rope_c, rope_r, lay: TwoStreamLayout, kernel: bool):
+    """One decoder layer on the slots (causal) and on the raw rows (reading the slots before each)."""
+    cache = DynamicCache(config=causal_lm.config)  # this layer's slots' keys/values, made here each time
+    h_c = layer(h_c, position_embeddings=rope_c, past_key_values=cache, use_cache=True)  # no mask: causal
+    kv = cache.layers[layer.self_attn.layer_idx]
+    if kernel:
+        keys, values = [None] * len(cache.layers), [None] * len(cache.layers)
+        keys[layer.self_attn.layer_idx], values[layer.self_attn.layer_idx] = kv.keys, kv.values
+        with slot_attention(causal_lm):
+            h_r = layer(h_r, position_embeddings=rope_r, compact_slots=CompactSlots(keys, values, lay.slots))
+    else:
+        kv.batch_repeat_interleave(h_r.shape[0])
+        h_r = layer(h_r, attention_mask=lay.raw_mask[:, None], position_embeddings=rope_r, past_key_values=cache,
+                    use_cache=True)
+    return h_c, h_r
 
 
 @torch.no_grad()

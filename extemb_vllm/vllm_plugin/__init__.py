@@ -32,11 +32,26 @@ def _model_config_hook():
 
     class ExtEmbModelConfig(VerifyAndUpdateConfig):
         @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                from .cpu_settings import prefill_in_one_step
+
+                prefill_in_one_step(vllm_config)
+
+        @staticmethod
         def verify_and_update_model_config(model_config) -> None:
             # vLLM picks a built-in model's tokenizer mode from its architecture when the user left
             # it at "auto" (ModelConfig.__post_init__); this does the same for ours, afterwards.
             # A mode the user chose is kept (with "hf", over-long plain prompts are refused).
             if model_config.tokenizer_mode == "auto":
                 model_config.tokenizer_mode = TOKENIZER_MODE
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():  # bf16 only where the CPU has it natively; one log line
+                from .cpu_settings import settle_dtype
+
+                settle_dtype(model_config)
 
     return ExtEmbModelConfig

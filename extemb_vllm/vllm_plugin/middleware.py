@@ -10,6 +10,10 @@
   the problem before the request reaches the engine.
 - `GET /v1/models` advertises the extended length (the config's `advertised_max_model_len`)
   as `max_model_len`: vLLM reports the KV window, not what a client may send.
+- A completion or chat response's `usage` (the body, or a stream's usage events) reports in
+  `prompt_tokens` the tokens the client sent, as OpenAI-compatible servers do, and what the
+  engine read in `usage.extemb` (`extemb_vllm/usage.py`); vLLM counts the positions it read. The
+  renderer says how each prompt was laid out (`accounting.py`).
 
 It acts only when the served model is an ExtEmb model and passes everything else through
 untouched, so the same flag on another model's server changes nothing. It runs outside
@@ -27,7 +31,8 @@ from functools import cached_property
 
 from ..model.config import ExtEmbConfig
 from ..openai_requests import check_request, request_fields
-from . import ARCHITECTURE
+from ..usage import usage
+from . import ARCHITECTURE, accounting
 
 MAX_CHECKED_BODY = 64 << 20  # larger bodies go to vLLM unread (it refuses them by length anyway)
 
@@ -64,7 +69,8 @@ class ExtEmbRequests:
             reason = check_request(path, decoded, self._ext, self.fields)
             if reason is not None:
                 return await _bad_request(send, reason)
-        return await self.app(scope, _replay(messages, receive), send)
+        layouts = accounting.open_request()  # filled by the renderer while vLLM handles the request
+        return await self.app(scope, _replay(messages, receive), _reporting_usage(send, layouts))
 
 
 def _served_hf_config(scope):
@@ -151,3 +157,70 @@ def _advertising(send, advertised: int | None):
 
     return rewriting
 
+
+def _reporting_usage(send, layouts: list[dict]):
+    """`send` with every `usage` of a 200 response (a JSON body, or the events of a stream) told
+    as OpenAI servers tell it, from the layouts the renderer recorded."""
+    kind = None  # "json" | "stream" | None (passed on as it is)
+    held, body, pending = None, [], b""
+
+    async def reporting(message):
+        nonlocal kind, held, pending
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers") or [])
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            if message["status"] == 200 and layouts:
+                kind = "stream" if content_type.startswith("text/event-stream") else (
+                    "json" if content_type.startswith("application/json") else None)
+            if kind == "json":
+                held = message  # its content-length changes
+                return
+            return await send(message)
+        if message["type"] != "http.response.body" or kind is None:
+            return await send(message)
+        more = message.get("more_body", False)
+        if kind == "json":
+            body.append(message.get("body", b""))
+            if more:
+                return
+            raw = _rewritten_json(b"".join(body), layouts)
+            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+            await send({**held, "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
+            return await send({"type": "http.response.body", "body": raw})
+        pending += message.get("body", b"")
+        events, _, pending = pending.rpartition(b"\n\n")  # whole events out, a partial one kept
+        out = b"".join(_rewritten_event(e, layouts) + b"\n\n" for e in events.split(b"\n\n")) if events else b""
+        if not more:
+            out, pending = out + pending, b""
+        return await send({**message, "body": out})
+
+    return reporting
+
+
+def _told(vllm_usage: dict, layouts: list[dict]) -> dict:
+    """vLLM's usage with the client's tokens in prompt_tokens. vLLM's prompt_tokens, the positions
+    read, says which prompts it covers: all of them (a response's usage) or one (a batch's
+    per-prompt usage in a stream); anything else is left as vLLM said it."""
+    positions = vllm_usage.get("prompt_tokens")
+    covered = layouts if sum(lay["prompt_positions"] for lay in layouts) == positions else \
+        [lay for lay in layouts if lay["prompt_positions"] == positions][:1]
+    if not covered:
+        return vllm_usage
+    return {**vllm_usage, **usage(covered, vllm_usage.get("completion_tokens"))}
+
+
+def _rewritten_json(raw: bytes, layouts: list[dict]) -> bytes:
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return raw
+    if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
+        return raw
+    payload["usage"] = _told(payload["usage"], layouts)
+    return json.dumps(payload).encode()
+
+
+def _rewritten_event(event: bytes, layouts: list[dict]) -> bytes:
+    if not event.startswith(b"data: {") or b'"usage"' not in event:
+        return event
+    return b"data: " + _rewritten_json(event[len(b"data: "):], layouts)

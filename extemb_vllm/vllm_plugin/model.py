@@ -11,7 +11,6 @@ of the LLM are vLLM's, untouched.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Iterable
 
@@ -27,6 +26,7 @@ from ..model import ExtEmbConfig, ExtensibleEmbedder, compact_rows
 from ..model.chunk_cache import ChunkCache
 from ..model.config import EMBEDDER_PREFIX
 from ..model.embedder import chunk_key
+from . import metrics
 from .processor import (
     MODALITY,
     PLACEHOLDER_TOKEN_ID,
@@ -40,9 +40,6 @@ EMBEDDER_BATCH_TOKENS = 8192
 # a chunk compressed again (at another k after a conversation grows into the next band, or
 # after vLLM evicted its cached blocks) is not encoded again. fp32 SmolLM2: ~1.2 MB a chunk.
 CHUNK_CACHE_BYTES = int(os.environ.get("EXTEMB_CHUNK_CACHE_MB", "256")) << 20
-# Where the engine writes its encoder counters (JSON), for benchmarks: the engine runs in its
-# own process, out of reach of the API server's /metrics.
-STATS_PATH_ENV = "EXTEMB_ENCODER_STATS"
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -71,8 +68,8 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         self.precomputed_only = bool(getattr(config, "extemb_precomputed_only", False))
         self.embedder = None
         self.chunk_cache = ChunkCache(CHUNK_CACHE_BYTES)
-        self.encoder_stats = {"chunks_encoded": 0, "chunks_reused": 0}
         if not self.precomputed_only:
+            metrics.warn_if_out_of_reach()
             with self._mark_tower_model(vllm_config, MODALITY):
                 hf_cfg = copy.deepcopy(config)
                 hf_cfg._attn_implementation = "sdpa"
@@ -103,21 +100,13 @@ class ExtEmbLlamaForCausalLM(nn.Module, SupportsMultiModal):
         per_group = max(1, EMBEDDER_BATCH_TOKENS // max(int(chunks[i].numel()) for i in todo)) if todo else 1
         for g in range(0, len(todo), per_group):
             group = todo[g : g + per_group]
-            encoded = self.embedder.encode_chunks([chunks[i] for i in group], self.language_model.model.embed_tokens)
+            with metrics.embedder_forward():
+                encoded = self.embedder.encode_chunks([chunks[i] for i in group], self.language_model.model.embed_tokens)
             for i, h in zip(group, encoded):
                 hidden[i] = h.clone()  # its own storage: a view would keep the whole batch alive
                 self.chunk_cache.put(keys[i], hidden[i])
-        self._count(encoded=len(todo), reused=len(chunks) - len(todo))
+        metrics.record_chunks(encoded=len(todo), cached=len(chunks) - len(todo), cache_bytes=self.chunk_cache.bytes)
         return [compact_rows([h], k)[0] for h, k in zip(hidden, ks)]
-
-    def _count(self, encoded: int, reused: int):
-        self.encoder_stats["chunks_encoded"] += encoded
-        self.encoder_stats["chunks_reused"] += reused
-        if path := os.environ.get(STATS_PATH_ENV):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.encoder_stats, f)
-            os.replace(tmp, path)  # readers see the old counters or the new ones, never half
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         if intermediate_tensors is not None:

@@ -5,7 +5,9 @@ limit is the window (the KV cache is sized for it). For ExtEmb models this
 renderer (a) lets tokenisation accept prompts up to the extended context length
 and (b) turns a prompt longer than the window into a "context" request — its
 oldest tokens compressed, the recent raw tail kept — before the engine's length
-check. Everything else goes through vLLM's HfRenderer unchanged. vLLM selects it by
+check. Everything else goes through vLLM's HfRenderer unchanged. Each prompt's layout is
+handed on as it is planned: to the response's usage (`accounting.py`, for the middleware) and,
+when it compresses, to the plug-in's series (`metrics.py`). vLLM selects it by
 tokenizer mode ("extemb", which the plug-in makes the default of ExtEmb models, see
 __init__.py); other models keep their own renderer.
 """
@@ -18,7 +20,8 @@ from vllm.renderers.hf import HfRenderer
 
 from ..model import ExtEmbConfig, plan_request
 from ..model.config import layout_options, max_context_tokens
-from . import ARCHITECTURE, TOKENIZER_MODE
+from ..usage import prompt_layout
+from . import ARCHITECTURE, TOKENIZER_MODE, accounting, metrics
 from .processor import MODALITY
 
 
@@ -57,8 +60,11 @@ class ExtEmbRenderer(HfRenderer):
         # the request's own options, checked here: a list or a string is the client's 400, not a 500
         opts = layout_options(prompt.get("mm_processor_kwargs"), self.ext)
         # planned as the processor will plan it (a given k may compress even what fits)
-        if len(ids) < 2 or plan_request([], ids, opts, self.ext, None).plan.k is None:
+        plan = plan_request([], ids, opts, self.ext, None).plan if len(ids) >= 2 else None
+        accounting.add(prompt_layout(len(ids), plan))  # the response's usage (middleware)
+        if plan is None or plan.k is None:
             return prompt
+        metrics.record_layout(plan)
         # everything but the last token is "context"; the processor plans over both exactly
         # as the reference model plans over the whole prompt
         return {**prompt, "prompt_token_ids": ids[-1:],
