@@ -66,7 +66,7 @@ def cmd_eval_ppl(args):
     fill = model.ext.fill_window if args.fill_window is None else args.fill_window
     results = ppl.evaluate_ppl(model, tok, args.text, args.lengths, methods, window=args.window,
                                raw_tail=args.raw_tail, n_spans=args.spans, score_tokens=args.score_tokens,
-                               fill_window=fill)
+                               fill_window=fill, key_alpha=args.key_tokens)
     print(ppl.format_table(results))
     meta = dict(model=str(args.model), text=[str(t) for t in args.text], window=args.window or model.ext.window,
                 raw_tail=args.raw_tail or model.ext.raw_tail, fill_window=fill, spans=args.spans,

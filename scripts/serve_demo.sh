@@ -29,7 +29,8 @@ for port in "$PORT" "$PLAIN_PORT"; do
         sleep 2
     done
 done
-grep -ho "ExtEmb CPU settings: .*" serve.log | tail -1 | sed 's/^/[demo] /'
+# every distinct settings line (dtype and tcmalloc; on CPU also the prefill step), in the order logged
+grep -ho "ExtEmb CPU settings: .*" serve.log | awk '!seen[$0]++' | sed 's/^/[demo] /'
 echo
 $py scripts/demo_client.py --base-url "http://127.0.0.1:$PORT/v1" --plain-url "http://127.0.0.1:$PLAIN_PORT/v1"
 kill $plain 2>/dev/null || true

@@ -218,7 +218,7 @@ def test_smollm2_build_and_eval_ppl(smollm2_checkpoint, heldout_texts, tmp_path)
     out_json, out_png = tmp_path / "ppl.json", tmp_path / "ppl.png"
     r = _extemb("eval", "ppl", "--text", str(heldout_texts / "sonnets.txt"), "--lengths", "384,768",
                 "--window", "256", "--raw-tail", "64", "--score-tokens", "128", "--spans", "2",
-                "--k", "8,auto", "--json", str(out_json), "--plot", str(out_png))
+                "--k", "8,auto", "--mismatched", "--key-tokens", "0.5", "--json", str(out_json), "--plot", str(out_png))
     assert r.returncode == 0, r.stderr
     results = json.loads(out_json.read_text())["results"]
     cell = {(x["method"], x["length"]): x for x in results}
@@ -228,6 +228,9 @@ def test_smollm2_build_and_eval_ppl(smollm2_checkpoint, heldout_texts, tmp_path)
     assert cell["full", 768]["ppl"] < 200
     assert out_png.stat().st_size > 5000
     assert "perplexity" in r.stdout and "does not fit" not in r.stdout
+    # --key-tokens reaches the evaluation: the key-token figures are in the table and the JSON
+    assert "of them key tokens: 768: " in r.stdout and cell["k8", 768]["key_tokens"] > 0
+    assert cell["k8-mismatched", 768]["key_vs_matched"] is not None
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Key tokens and the objectives built on them (issue 27): the frozen LLM's long-context gain, its
 cache, the margin hinge, rows cut to their first tokens, and a tiny run of each arm."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -151,16 +152,22 @@ def test_arms_table_reads_cpu_minutes_from_the_export_record(tiny_checkpoint, tm
 
     (tmp_path / "held").mkdir()
     (tmp_path / "held" / "h.txt").write_text(TINY_TEXT[::-1])
-    run = train(_tiny_train_config(tiny_checkpoint, tmp_path, steps=2, key_weight=1.0))
+    cfg = _tiny_train_config(tiny_checkpoint, tmp_path, steps=2, key_weight=1.0)
+    run = train(cfg)
     cand = export_embedder(run, tmp_path / "cand" / "arm-2.safetensors")
-    res = compare_embedders(str(tiny_checkpoint), [str(tiny_checkpoint / EMBEDDER_FILE), str(cand)],
+    # a new run from the candidate's weights continues its arm: its minutes add to the parent's
+    run2 = train(dataclasses.replace(cfg, out=str(tmp_path / "run2"), init_embedder=str(cand)))
+    cand2 = export_embedder(run2, tmp_path / "cand" / "arm-2-more.safetensors")
+    res = compare_embedders(str(tiny_checkpoint), [str(tiny_checkpoint / EMBEDDER_FILE), str(cand), str(cand2)],
                             [str(tmp_path / "held")], n_samples=3, sample_len=48, chunk_len=12, ks=[2, 4], bf16=False,
                             key_alpha=0.0, mismatched=True)
-    (row,) = arms_table([res])
-    spent = [r for r in map(json.loads, open(run / "log.jsonl")) if r["kind"] == "train"][-1]["busy_minutes"]
-    assert row["run"] == "run" and row["samples"] == 4 and row["cpu_minutes"] == pytest.approx(spent)
+    row, row2 = arms_table([res])
+    spent, spent2 = ([r for r in map(json.loads, open(d / "log.jsonl")) if r["kind"] == "train"][-1]["busy_minutes"]
+                     for d in (run, run2))
+    assert row2["lineage"] == ["run", "run2"] and row2["cpu_minutes"] == pytest.approx(spent + spent2)
+    assert row["run"] == "run" and row["lineage"] == ["run"] and row["samples"] == 4 and row["cpu_minutes"] == pytest.approx(spent)
     assert row["vs_shipped_k4"] == tuple(res["vs_first"][str(cand)]["4"])
     assert set(row) >= {"key_vs_shipped_k2", "key_content_k4"}
     assert "key_content_k4" in format_arms([row])
-    plot_arms([row], tmp_path / "arms.png")
+    plot_arms([row, row2], tmp_path / "arms.png")
     assert (tmp_path / "arms.png").stat().st_size > 1000

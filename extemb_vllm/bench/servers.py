@@ -47,8 +47,9 @@ def has_metric(base_url: str, name: str) -> bool:
 
 
 def server_settings(log: Path) -> str | None:
-    """What the plug-in chose at start-up (dtype, tcmalloc): its "ExtEmb CPU settings" log line."""
-    found = re.findall(r"ExtEmb CPU settings: (.*)", Path(log).read_text(errors="replace"))
+    """What the plug-in chose at start-up (dtype, tcmalloc): its "ExtEmb CPU settings: dtype" log line
+    (the prefill-step line is logged beside it, in either order)."""
+    found = re.findall(r"ExtEmb CPU settings: (dtype .*)", Path(log).read_text(errors="replace"))
     return found[-1].strip() if found else None
 
 

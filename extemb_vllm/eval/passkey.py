@@ -135,19 +135,17 @@ def format_table(cells) -> str:
         depths = sorted({c.depth for c in cs})
         lines.append(f"pass-key accuracy, {m} (rows: depth, columns: tokens)")
         lines.append(f"{'depth':>6}" + "".join(f"{L:>9}" for L in lengths))
-        for d in depths:
-            row = f"{d:>6.2f}"
-            for L in lengths:
-                c = next(c for c in cs if c.length == L and c.depth == d)
-                row += f"{'n/a':>9}" if c.accuracy is None else f"{c.accuracy:>9.2f}"
-            lines.append(row)
-        lines.append(f"  mean NLL per token of the key, teacher-forced (lower: closer to recall)")
-        for d in depths:
-            row = f"{d:>6.2f}"
-            for L in lengths:
-                c = next(c for c in cs if c.length == L and c.depth == d)
-                row += f"{'n/a':>9}" if c.key_nll is None else f"{c.key_nll:>9.3f}"
-            lines.append(row)
+        for attr, fmt, heading in (("accuracy", ".2f", None),
+                                   ("key_nll", ".3f", "  mean NLL per token of the key, teacher-forced "
+                                                      "(lower: closer to recall)")):
+            if heading:
+                lines.append(heading)
+            for d in depths:
+                row = f"{d:>6.2f}"
+                for L in lengths:
+                    v = getattr(next(c for c in cs if c.length == L and c.depth == d), attr)
+                    row += f"{'n/a':>9}" if v is None else f"{v:>9{fmt}}"
+                lines.append(row)
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ whole-text loss dilutes both into the many tokens no context helps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def compare_embedders(model_dir: str, embedders: list[str], texts: list[str], n_
         groups["key"] = [(f - a > key_alpha) & m for f, a, m in zip(full, alone, text_mask)]
     res = {"meta": dict(model=str(model_dir), texts=list(texts), samples=n_samples, sample_len=sample_len,
                         chunk_len=chunk_len, ks=list(ks), bf16=bf16, recall=recall, key_alpha=key_alpha,
-                        mismatched=mismatched)}
+                        mismatched=mismatched, sha256={str(p): _sha256(p) for p in embedders})}
     for g, masks in groups.items():
         prefix = "" if g == "text" else "key_"
         res[f"{prefix}references"] = {"full_context_per_sample": _mean_loss(full, masks),
@@ -220,24 +221,33 @@ def plot_runs(curves: list[dict], png: str | Path, title: str = ""):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("held-out loss (chunks after the first)")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title or "fixed-budget comparison, held-out loss of the weights' moving average")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, png, title or "fixed-budget comparison, held-out loss of the weights' moving average")
 
 
 def arms_table(results: list[dict]) -> list[dict]:
     """One row per candidate of one or more `compare_embedders` results (the same baseline and windows):
     its run, CPU-minutes and samples (from the export record beside the weights), and its paired
-    differences from the baseline on the whole text and on key tokens, and its content control."""
+    differences from the baseline on the whole text and on key tokens, and its content control.
+
+    A candidate that continued another candidate's weights (a new run from them: `initialised_from` in its
+    record) counts the CPU-minutes of both, and its `lineage` names both runs, so it continues that arm's
+    line in the plot."""
     rows = []
     for res in results:
+        first = list(res["embedders"])[0]  # the digest when compared (the file may since have been replaced)
+        baseline = res["meta"].get("sha256", {}).get(first) or _sha256(first)
         for path in list(res["embedders"])[1:]:
             rec_path = Path(path).with_suffix(".json")
             rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
-            row = {"weights": path, "run": Path(rec.get("run", path)).name,
-                   "cpu_minutes": rec.get("cpu_minutes") or _cpu_minutes_at(rec), "samples": rec.get("samples")}
+            lineage, minutes = [], 0.0
+            while rec and rec.get("sha256") != baseline:  # back to the weights the comparison started from
+                own = rec.get("cpu_minutes") or _cpu_minutes_at(rec)
+                minutes = None if own is None or minutes is None else minutes + own
+                lineage.insert(0, Path(rec.get("run", path)).name)
+                rec = rec.get("initialised_from") or {}
+            rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+            row = {"weights": path, "run": Path(rec.get("run", path)).name, "lineage": lineage or [Path(path).name],
+                   "cpu_minutes": minutes if lineage else None, "samples": rec.get("samples")}
             for prefix in ("", "key_"):
                 for k, v in res.get(prefix + "vs_first", {}).get(path, {}).items():
                     row[f"{prefix}vs_shipped_k{k}"] = v
@@ -245,6 +255,10 @@ def arms_table(results: list[dict]) -> list[dict]:
                     row[f"{prefix}content_k{k}"] = v
             rows.append(row)
     return rows
+
+
+def _sha256(path: str) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).exists() else None
 
 
 def _cpu_minutes_at(rec: dict) -> float | None:
@@ -261,12 +275,12 @@ def format_arms(rows: list[dict]) -> str:
     cols = [c for prefix in ("vs_shipped_k", "key_vs_shipped_k", "content_k", "key_content_k")
             for c in sorted((c for c in present if c.startswith(prefix) and c[len(prefix):].isdigit()),
                             key=lambda c: int(c.rsplit("_k", 1)[1]))]
-    lines = [f"{'run':<22}{'CPU min':>8}{'samples':>8}" + "".join(f"{c:>28}" for c in cols)]
-    for r in sorted(rows, key=lambda r: (r["run"], r["cpu_minutes"] or 0)):
+    lines = [f"{'run':<26}{'CPU min':>8}{'samples':>8}" + "".join(f"{c:>28}" for c in cols)]
+    for r in sorted(rows, key=lambda r: (r["lineage"], r["cpu_minutes"] or 0)):
         minutes = f"{r['cpu_minutes']:.1f}" if r["cpu_minutes"] is not None else "-"
         cells = "".join(f"{f'{r[c][0]:+.4f} [{r[c][1]:+.4f},{r[c][2]:+.4f}]':>28}" if c in r else f"{'-':>28}"
                         for c in cols)
-        lines.append(f"{r['run']:<22}{minutes:>8}{r['samples'] or '-':>8}" + cells)
+        lines.append(f"{' > '.join(r['lineage']):<26}{minutes:>8}{r['samples'] or '-':>8}" + cells)
     return "\n".join(lines)
 
 
@@ -284,24 +298,32 @@ def plot_arms(rows: list[dict], png: str | Path, title: str = ""):
               ("key_content_k", "key tokens: wrong window's slots - right's")]
     panels = [p for p in panels if any(f"{p[0]}{k}" in r for r in rows for k in ks)]
     fig, axes = plt.subplots(len(panels), len(ks), figsize=(5 * len(ks), 3.3 * len(panels)), squeeze=False)
-    runs = list(dict.fromkeys(r["run"] for r in sorted(rows, key=lambda r: r["run"])))
+    # one line per lineage that no other continues; a continuation's line starts with its parent's points
+    lineages = sorted({tuple(r["lineage"]) for r in rows})
+    lines = [a for a in lineages if not any(b != a and b[:len(a)] == a for b in lineages)]
     for (key, label), ax_row in zip(panels, axes):
         for k, ax in zip(ks, ax_row):
-            for i, run in enumerate(runs):
-                pts = sorted((r["cpu_minutes"], r[f"{key}{k}"]) for r in rows
-                             if r["run"] == run and f"{key}{k}" in r and r["cpu_minutes"] is not None)
+            for i, line in enumerate(lines):
+                pts = sorted((r["cpu_minutes"], r[f"{key}{k}"]) for r in rows if tuple(r["lineage"]) == line[:len(
+                    r["lineage"])] and f"{key}{k}" in r and r["cpu_minutes"] is not None)
                 if not pts:
                     continue
                 x = [p[0] for p in pts]
                 y = [p[1][0] for p in pts]
                 err = [[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]]
-                ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=f"C{i}", label=run, markersize=4)
+                ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=f"C{i}", label=" > ".join(line), markersize=4)
             ax.axhline(0, color="black", lw=1, ls="--")
             ax.set_title(f"k={k}: {label}", fontsize=9)
             ax.set_xlabel("CPU-minutes of training (per thread)")
             ax.grid(alpha=0.3)
+    _save(fig, axes, png, title or "arms at equal CPU-minutes, paired against the shipped weights (95% intervals)")
+
+
+def _save(fig, axes, png, title: str):
+    import matplotlib.pyplot as plt
+
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title or "arms at equal CPU-minutes, paired against the shipped weights (95% intervals)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
