@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -229,7 +230,7 @@ def test_smollm2_build_and_eval_ppl(smollm2_checkpoint, heldout_texts, tmp_path)
     assert out_png.stat().st_size > 5000
     assert "perplexity" in r.stdout and "does not fit" not in r.stdout
     # --key-tokens reaches the evaluation: the key-token figures are in the table and the JSON
-    assert "of them key tokens: 768: " in r.stdout and cell["k8", 768]["key_tokens"] > 0
+    assert re.search(r"of them key tokens: .*768: [1-9]", r.stdout) and cell["k8", 768]["key_tokens"] > 0
     assert cell["k8-mismatched", 768]["key_vs_matched"] is not None
 
 

@@ -199,9 +199,10 @@ def test_loss_goes_down_on_real_text(smollm2_checkpoint, heldout_texts):
     model, tok = load_model(smollm2_checkpoint)
     model.embedder.train()
     ids = torch.tensor(tok((heldout_texts / "sonnets.txt").read_text()).input_ids[3000:4024])
-    opt = torch.optim.AdamW(model.embedder.parameters(), lr=2e-4)
+    # the stretches' rate (at 2e-4 the trained default's loss swings around a step or two)
+    opt = torch.optim.AdamW(model.embedder.parameters(), lr=1e-4)
     losses = []
-    for _ in range(4):
+    for _ in range(6):
         loss = two_stream_forward(model, ids, 8, 256)
         loss.backward()
         opt.step()

@@ -227,7 +227,8 @@ def plot_runs(curves: list[dict], png: str | Path, title: str = ""):
 def arms_table(results: list[dict]) -> list[dict]:
     """One row per candidate of one or more `compare_embedders` results (the same baseline and windows):
     its run, CPU-minutes and samples (from the export record beside the weights), and its paired
-    differences from the baseline on the whole text and on key tokens, and its content control.
+    differences from the baseline on the whole text, on key tokens and on planted answers (with --recall),
+    and its content control.
 
     A candidate that continued another candidate's weights (a new run from them: `initialised_from` in its
     record) counts the CPU-minutes of both, and its `lineage` names both runs, so it continues that arm's
@@ -248,7 +249,7 @@ def arms_table(results: list[dict]) -> list[dict]:
             rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
             row = {"weights": path, "run": Path(rec.get("run", path)).name, "lineage": lineage or [Path(path).name],
                    "cpu_minutes": minutes if lineage else None, "samples": rec.get("samples")}
-            for prefix in ("", "key_"):
+            for prefix in ("", "key_", "recall_"):
                 for k, v in res.get(prefix + "vs_first", {}).get(path, {}).items():
                     row[f"{prefix}vs_shipped_k{k}"] = v
                 for k, v in res.get(prefix + "content", {}).get(path, {}).items():
@@ -272,7 +273,7 @@ def _cpu_minutes_at(rec: dict) -> float | None:
 
 def format_arms(rows: list[dict]) -> str:
     present = {c for r in rows for c in r if "_k" in c}
-    cols = [c for prefix in ("vs_shipped_k", "key_vs_shipped_k", "content_k", "key_content_k")
+    cols = [c for prefix in ("vs_shipped_k", "key_vs_shipped_k", "content_k", "key_content_k", "recall_vs_shipped_k")
             for c in sorted((c for c in present if c.startswith(prefix) and c[len(prefix):].isdigit()),
                             key=lambda c: int(c.rsplit("_k", 1)[1]))]
     lines = [f"{'run':<26}{'CPU min':>8}{'samples':>8}" + "".join(f"{c:>28}" for c in cols)]
