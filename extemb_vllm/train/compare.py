@@ -239,16 +239,15 @@ def arms_table(results: list[dict]) -> list[dict]:
         baseline = res["meta"].get("sha256", {}).get(first) or _sha256(first)
         for path in list(res["embedders"])[1:]:
             rec_path = Path(path).with_suffix(".json")
-            rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
-            lineage, minutes = [], 0.0
+            record = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+            lineage, minutes, rec = [], 0.0, record
             while rec and rec.get("sha256") != baseline:  # back to the weights the comparison started from
                 own = rec.get("cpu_minutes") or _cpu_minutes_at(rec)
                 minutes = None if own is None or minutes is None else minutes + own
                 lineage.insert(0, Path(rec.get("run", path)).name)
                 rec = rec.get("initialised_from") or {}
-            rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
-            row = {"weights": path, "run": Path(rec.get("run", path)).name, "lineage": lineage or [Path(path).name],
-                   "cpu_minutes": minutes if lineage else None, "samples": rec.get("samples")}
+            row = {"weights": path, "run": Path(record.get("run", path)).name, "lineage": lineage or [Path(path).name],
+                   "cpu_minutes": minutes if lineage else None, "samples": record.get("samples")}
             for prefix in ("", "key_", "recall_"):
                 for k, v in res.get(prefix + "vs_first", {}).get(path, {}).items():
                     row[f"{prefix}vs_shipped_k{k}"] = v
