@@ -301,6 +301,7 @@ def plot_arms(rows: list[dict], png: str | Path, title: str = ""):
     # one line per lineage that no other continues; a continuation's line starts with its parent's points
     lineages = sorted({tuple(r["lineage"]) for r in rows})
     lines = [a for a in lineages if not any(b != a and b[:len(a)] == a for b in lineages)]
+    most = max((r["cpu_minutes"] for r in rows if r["cpu_minutes"] is not None), default=1.0)
     for (key, label), ax_row in zip(panels, axes):
         for k, ax in zip(ks, ax_row):
             for i, line in enumerate(lines):
@@ -315,6 +316,7 @@ def plot_arms(rows: list[dict], png: str | Path, title: str = ""):
             ax.axhline(0, color="black", lw=1, ls="--")
             ax.set_title(f"k={k}: {label}", fontsize=9)
             ax.set_xlabel("CPU-minutes of training (per thread)")
+            ax.set_xlim(0, most * 1.08)  # the shipped weights sit at (0, 0): every panel on the same axis
             ax.grid(alpha=0.3)
     _save(fig, axes, png, title or "arms at equal CPU-minutes, paired against the shipped weights (95% intervals)")
 
@@ -322,7 +324,12 @@ def plot_arms(rows: list[dict], png: str | Path, title: str = ""):
 def _save(fig, axes, png, title: str):
     import matplotlib.pyplot as plt
 
-    axes[0][0].legend(fontsize=7)
+    # every line in one legend: a line may be missing from the first panel (an arm without that k)
+    named = {}
+    for ax in (a for row in axes for a in row):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            named.setdefault(label, handle)
+    axes[0][0].legend(named.values(), named.keys(), fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -39,7 +39,7 @@ SOURCES = ["shakespeare", "bibles", "python-docs", "fiction", "handbooks"]  # th
 # step at the CPU stretches' 1e-4 for one sample, by the square-root rule; the moving average over ~200
 # steps; no checkpointing (SmolLM2's activations at 4096 tokens fit any GPU: recomputing costs time);
 # a seed of its own (other windows than the CPU runs'). Flags in the objective override these.
-LINEAGE_FLAGS = ["--sample-len", "4096", "--chunk-len", "512", "--k-ladder", "4,8,16,32", "--accum", "8",
+LINEAGE_FLAGS = ["--sample-len", "4096", "--chunk-len", "512", "--k-ladder", "16,32", "--accum", "8",
                  "--lr", "1e-4", "--lr-batch", "1", "--warmup", "20", "--ema", "0.995", "--bf16", "--no-grad-ckpt",
                  "--seed", "28"]
 LIMIT_BYTES = 64 * 2**20  # what travels with one call, working tree included

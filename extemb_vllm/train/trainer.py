@@ -369,7 +369,8 @@ def plot_curves(log_path: Path, png: Path):
                        xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points", fontsize=7)
     b.set_xlabel("samples seen")
     b.set_ylabel("held-out loss (chunks after the first)")
-    b.legend(fontsize=8)
+    if b.lines:  # a run without held-out evaluation (--eval-samples 0) leaves this panel empty
+        b.legend(fontsize=8)
     b.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
