@@ -61,11 +61,11 @@ def main():
              f"slots (k={args.k})": slots, f"frozen LLM after {layers} layers": llm_rows}
     print(f"{args.model}: {len(chunks)} chunks of {chunk} tokens, {slots.shape[0]} slots")
     print(f"{'rows':34s} {'norm mean':>10s} {'median':>8s} {'max':>8s} {'rms':>8s} {'shared':>8s}")
-    for name, rows in kinds.items():
-        s = row_stats(rows)
+    stats = {name: row_stats(rows) for name, rows in kinds.items()}
+    for name, s in stats.items():
         print(f"{name:34s} {s['norm_mean']:10.2f} {s['norm_median']:8.2f} {s['norm_max']:8.2f} {s['rms']:8.3f} "
               f"{s['shared']:8.3f}")
-    ratio = row_stats(slots)["norm_mean"] / row_stats(kinds["token embeddings of the chunks"])["norm_mean"]
+    ratio = stats[f"slots (k={args.k})"]["norm_mean"] / stats["token embeddings of the chunks"]["norm_mean"]
     cosine = torch.nn.functional.cosine_similarity(slots.float(), llm_rows.float()).mean().item()
     print(f"slot norm / token-embedding norm: {ratio:.1f}x; cosine(slot, frozen LLM's row): {cosine:.3f}")
 
