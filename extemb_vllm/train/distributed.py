@@ -18,6 +18,7 @@ this is and where it computes, and it does the few things that need all of them:
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from contextlib import contextmanager, nullcontext
@@ -149,6 +150,14 @@ class Team:
             self.on_checkpoint(out, metrics)
 
     def close(self):
+        """End of training. Every rank waits for the others first (rank 0 may still be evaluating and
+        saving), then DDP is freed before the group ends: DDP holds the group, and a gloo group freed
+        later, as the interpreter shuts down, can abort the process (SIGABRT, "terminate called
+        without an active exception")."""
+        if self.world > 1:
+            dist.barrier()
+        self._ddp = None
+        gc.collect()  # DDP's module sits in reference cycles: free it now, not at exit
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
