@@ -213,7 +213,7 @@ def test_loss_goes_down_on_real_text(smollm2_checkpoint, heldout_texts):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, tmp_path):
+def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, tmp_path, capsys):
     """`extemb export`: bf16 safetensors that `extemb build` loads, and a record that traces them to the run;
     a run of another base is refused as the embedded default's embedder."""
     import hashlib
@@ -223,7 +223,7 @@ def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, t
 
     from extemb_vllm.model.checkpoint import build_checkpoint, load_model
     from extemb_vllm.train.export import export_embedder
-    from extemb_vllm.train.trainer import train
+    from extemb_vllm.train.trainer import seeds_drawn, train
 
     from .conftest import TINY_EXT
 
@@ -239,11 +239,17 @@ def test_export_ships_bf16_weights_with_a_record(tiny_source, tiny_checkpoint, t
     assert sum(rec["k_seen"].values()) == 4 and rec["sessions"][0]["step"] == 0 and rec["sessions"][0]["machine"]
     assert rec["heldout_eval_last"]["step"] == 2 and rec["note"] == "test"
     assert rec["initialised_from"] is None and rec["samples_total"] == 4
-    # a run that continues exported weights carries their record along, and counts their samples
+    # a run that continues exported weights carries their record along, and counts their samples;
+    # on the same data with the same seed it is told that it draws the first run's windows again
     (tmp_path / "second").mkdir()
-    run2 = train(_tiny_train_config(tiny_checkpoint, tmp_path / "second", steps=1, init_embedder=str(out)))
+    cfg2 = _tiny_train_config(tiny_checkpoint, tmp_path / "second", steps=1, init_embedder=str(out),
+                              data=[str(tmp_path / "texts")])
+    capsys.readouterr()
+    run2 = train(cfg2)
+    assert "first 4 windows of --seed 0 on this data" in capsys.readouterr().out
     rec2 = json.loads(export_embedder(run2, tmp_path / "ship2" / "emb.safetensors").with_suffix(".json").read_text())
     assert rec2["initialised_from"]["sha256"] == rec["sha256"] and rec2["samples_total"] == 4 + 2
+    assert seeds_drawn(rec2, cfg2.data, 48) == {0: 4} and seeds_drawn(rec2, ["other"], 48) == {}
     shipped, trained = load_file(str(out)), load_file(str(run / "embedder.safetensors"))
     assert shipped.keys() == trained.keys() and all(v.dtype == torch.bfloat16 for v in shipped.values())
     # a checkpoint built with them carries the trained weights (to bf16 precision)

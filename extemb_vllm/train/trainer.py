@@ -55,6 +55,20 @@ def parent_record(init_embedder: str | None) -> dict | None:
     return rec
 
 
+def seeds_drawn(record: dict | None, data: list[str], sample_len: int) -> dict[int, int]:
+    """How many samples the runs behind a weights record (it and its `initialised_from` chain) drew
+    from each seed on this data at this sample length: a run with the same seed draws the same
+    windows again, from the first."""
+    drawn: dict[int, int] = {}
+    while record and "train_config" in record:
+        tc = record["train_config"]
+        if list(tc.get("data", [])) == list(data) and tc.get("sample_len") == sample_len:
+            seed = tc.get("seed", 0)
+            drawn[seed] = max(drawn.get(seed, 0), record.get("samples", 0))
+        record = record.get("initialised_from")
+    return drawn
+
+
 def train(cfg: TrainConfig, resume: bool = False, team: Team | None = None, run_dir: str | Path | None = None) -> Path:
     """Train the embedder; `team` says who runs the steps (default: a torchrun rank when torchrun started
     this process, else this process alone), `run_dir` where this process keeps the run (default cfg.out)."""
@@ -124,7 +138,13 @@ def train(cfg: TrainConfig, resume: bool = False, team: Team | None = None, run_
         if not resume:
             (out / "log.jsonl").unlink(missing_ok=True)
         if step == 0:  # recorded now: exporting this run may later overwrite the file it started from
-            (out / INIT_RECORD).write_text(json.dumps(parent_record(cfg.init_embedder), indent=2) + "\n")
+            parent = parent_record(cfg.init_embedder)
+            (out / INIT_RECORD).write_text(json.dumps(parent, indent=2) + "\n")
+            drawn = seeds_drawn(parent, cfg.data, cfg.sample_len)
+            if cfg.seed in drawn:
+                print(f"[extemb] warning: the --init-embedder weights already trained on the first {drawn[cfg.seed]} "
+                      f"windows of --seed {cfg.seed} on this data; this run draws them again. Seeds their lineage "
+                      f"used: {sorted(drawn)}; pass another --seed for new windows")
         (out / "train-config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         log = open(out / "log.jsonl", "a")
         # where and how each stretch of the run ran (a run resumes across sessions and machines,
