@@ -156,8 +156,9 @@ class Team:
         without an active exception")."""
         if self.world > 1:
             dist.barrier()
-        self._ddp = None
-        gc.collect()  # DDP's module sits in reference cycles: free it now, not at exit
+        if self._ddp is not None:
+            self._ddp = None
+            gc.collect()  # DDP's module sits in reference cycles: free it now, not at exit
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
